@@ -1,0 +1,373 @@
+"""MNIST as the course hands it out: tar files of PNGs named ``{ID}_{Label}.png``.
+
+    python dataset.py prepare --idx-dir DIR --out data   # tars from the four IDX files
+    python dataset.py prepare --out data                 # tars from a download
+
+``MNIST(path)`` reads a split (a ``.tar`` or a directory of PNGs), decodes every
+PNG once into a single uint8 tensor, and caches that tensor beside the tar in
+``.cache/``, keyed by the tar's content. Items are ``(image, label)``: a float
+tensor of shape (1, 28, 28), scaled to [0, 1] then normalized with the MNIST
+mean and std, and an int label read from the file name.
+
+Indexing with a list of indices returns a whole batch at once, so a
+``DataLoader`` over a ``BatchSampler`` slices batches straight from memory.
+"""
+
+import argparse
+import contextlib
+import glob
+import gzip
+import hashlib
+import io
+import os
+import re
+import sys
+import tarfile
+import tempfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets import MNIST as TorchvisionMNIST
+from torchvision.datasets.utils import calculate_md5, download_url
+from torchvision.transforms.v2 import functional as TF
+
+MEAN, STD = 0.1307, 0.3081
+IMAGE_SIZE = 28
+NAME_RE = re.compile(r"(\d+)_(\d+)\.png", re.IGNORECASE)
+CACHE_VERSION = 1
+
+# The four IDX files by split, in the names the mirrors use, with official MD5s.
+IDX_FILES = dict(TorchvisionMNIST.resources)
+SPLITS = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+class DatasetError(Exception):
+    """Bad or missing input data; the message is one sentence naming the file."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _skipped(name):
+    """Members that are not data: hidden files, macOS resource forks and folders."""
+    parts = Path(name).parts
+    return not name.lower().endswith(".png") or "__MACOSX" in parts or any(p.startswith(".") for p in parts)
+
+
+def _decode_png(data, where):
+    """Decode one PNG to a (28, 28) uint8 array; grey RGB(A) is read as grayscale."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > 64 * IMAGE_SIZE * IMAGE_SIZE:  # checked before any pixel is decoded
+                raise DatasetError(f"{where}: image claims {img.width}x{img.height} pixels, refusing to decode it")
+            if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+                raise DatasetError(f"{where}: image is {img.width}x{img.height}, expected 28x28")
+            if img.mode in ("1", "P"):
+                img = img.convert("L")
+            pixels = np.asarray(img)
+    except Image.DecompressionBombError:
+        raise DatasetError(f"{where}: image has an absurd pixel count (decompression bomb)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"{where}: not a decodable PNG ({e})") from None
+    if pixels.dtype != np.uint8:
+        raise DatasetError(f"{where}: pixel type {pixels.dtype} is not 8-bit grayscale")
+    if pixels.ndim == 3:  # LA, RGB or RGBA: keep the colour bands, drop alpha
+        colour = pixels[..., : 3 if pixels.shape[2] >= 3 else 1]
+        if (colour != colour[..., :1]).any():
+            raise DatasetError(f"{where}: colour image, expected grayscale")
+        pixels = colour[..., 0]
+    return pixels
+
+
+def _parse_name(name, where):
+    match = NAME_RE.fullmatch(Path(name).name)
+    if match is None:
+        raise DatasetError(f"{where}: file name is not {{ID}}_{{Label}}.png")
+    image_id, label = int(match[1]), int(match[2])
+    if label > 9:
+        raise DatasetError(f"{where}: label {label} is outside 0-9")
+    return image_id, label
+
+
+def _iter_tar(path):
+    """Yield (member name, bytes) of the tar's regular files, read in memory only.
+
+    Nothing is extracted, so absolute paths, '..', links and devices cannot
+    write anywhere; links and devices are skipped.
+    """
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if member.isfile() and not _skipped(member.name):
+                    yield member.name, tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise DatasetError(f"{path}: not a readable tar archive, or truncated ({e})") from None
+
+
+def _iter_dir(path):
+    for file in sorted(path.rglob("*")):
+        name = file.relative_to(path).as_posix()
+        if file.is_file() and not _skipped(name):
+            yield name, file.read_bytes()
+
+
+def decode_split(path):
+    """Decode every PNG of a tar or directory into (images uint8 N x 28 x 28, labels int64 N), ordered by ID."""
+    path = Path(path)
+    members = _iter_dir(path) if path.is_dir() else _iter_tar(path)
+    seen, images, labels = {}, [], []
+    for name, data in members:
+        where = f"{path}: {name}"
+        image_id, label = _parse_name(name, where)
+        if image_id in seen:
+            raise DatasetError(f"{where}: ID {image_id} already used by {seen[image_id]}")
+        seen[image_id] = name
+        images.append(_decode_png(data, where))
+        labels.append(label)
+    if not images:
+        raise DatasetError(f"{path}: holds no PNG images named {{ID}}_{{Label}}.png")
+    order = np.argsort(np.fromiter(seen, dtype=np.int64, count=len(seen)), kind="stable")
+    return torch.from_numpy(np.stack(images)[order]), torch.tensor(labels)[order]
+
+
+def _file_digest(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode="wb"):
+    """Open a temporary file beside ``path``; on success it is renamed to ``path``, on error deleted.
+
+    A reader never sees a half-written file, even if the writer is killed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(fd, 0o644)  # mkstemp makes the file private; these are plain data
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_split(path):
+    """Decoded (images, labels) of a split; a tar's are cached in ``.cache/`` beside it."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return decode_split(path)
+    cache = path.parent / ".cache" / f"{path.name}.{_file_digest(path)}.v{CACHE_VERSION}.pt"
+    if cache.exists():
+        saved = torch.load(cache, weights_only=True)
+        return saved["images"], saved["labels"]
+    images, labels = decode_split(path)
+    for stale in cache.parent.glob(f"{glob.escape(path.name)}.*.pt"):  # caches of an earlier version of this tar
+        stale.unlink()
+    try:
+        with atomic_open(cache) as f:
+            torch.save({"images": images, "labels": labels}, f)
+    except OSError as e:  # a read-only data folder: work without the cache
+        print(f"warning: {cache}: cannot write the cache ({e.strerror})", file=sys.stderr)
+    return images, labels
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+def random_affine(batch, degrees=10.0, translate=0.1, scale=(0.9, 1.1)):
+    """A different random rotation, shift and zoom for each image of a (N, 1, H, W) batch.
+
+    One ``affine_grid`` + ``grid_sample`` call for the whole batch; uses the
+    global torch RNG, so seeding torch makes it reproducible.
+    """
+    n, device = batch.shape[0], batch.device
+    angle = torch.empty(n, device=device).uniform_(-degrees, degrees).deg2rad()
+    zoom = torch.empty(n, device=device).uniform_(*scale)
+    shift = torch.empty(n, 2, device=device).uniform_(-2 * translate, 2 * translate)  # the grid spans [-1, 1]
+    cos, sin = angle.cos() / zoom, angle.sin() / zoom
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    return F.grid_sample(batch, grid, align_corners=False, padding_mode="zeros")
+
+
+class MNIST(Dataset):
+    """One MNIST split from a ``.tar`` of PNGs or a directory of them.
+
+    Args:
+        path: ``data/train.tar``, ``data/test.tar`` or an extracted folder.
+        augment: random affine distortion of every image served; only for the
+            training split (main.py never sets it on the test split).
+        limit: keep only the first ``limit`` items (by ID), for quick runs.
+    """
+
+    def __init__(self, path, augment=False, limit=None):
+        self.path = Path(path)
+        self.images, self.labels = load_split(self.path)  # (N, 28, 28) uint8, (N,) int64
+        if limit is not None:
+            self.images, self.labels = self.images[:limit], self.labels[:limit]
+        self.augment = augment
+
+    def __len__(self):
+        return len(self.labels)
+
+    def to(self, device):
+        """Keep the split on ``device`` (a GPU), so batches are sliced and augmented there."""
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        return self
+
+    def __getitem__(self, index):
+        """An int gives one (image (1, 28, 28), label int); a list of ints a batch (N, 1, 28, 28), (N,)."""
+        if isinstance(index, int):
+            image, label = self[[index]]
+            return image[0], int(label[0])
+        images = TF.to_dtype(self.images[index].unsqueeze(1), torch.float32, scale=True)
+        if self.augment:
+            images = random_affine(images)
+        return TF.normalize(images, [MEAN], [STD]), self.labels[index]
+
+
+# --------------------------------------------------------------------------- preparing the tars
+
+
+def read_idx(path):
+    """An IDX file (gzipped or not) of unsigned bytes as a numpy array."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise DatasetError(f"{path}: cannot read ({e})") from None
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise DatasetError(f"{path}: not an IDX file of unsigned bytes")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if len(data) != header + int(np.prod(shape)):
+        raise DatasetError(f"{path}: size does not match its header {shape}")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
+
+
+def write_split_tar(images, labels, out, split):
+    """Write ``out`` (``{split}/{ID:05d}_{Label}.png``) through a temporary name, then rename."""
+    with atomic_open(out) as f, tarfile.open(fileobj=f, mode="w") as tar:
+        for i, (image, label) in enumerate(zip(images, labels)):
+            png = io.BytesIO()
+            Image.fromarray(image, mode="L").save(png, format="PNG")
+            info = tarfile.TarInfo(f"{split}/{i:05d}_{label}.png")
+            info.size, info.mode = png.tell(), 0o644
+            png.seek(0)
+            tar.addfile(info, png)
+
+
+def _find_idx(idx_dir, stem):
+    for name in (f"{stem}.gz", stem):
+        if (idx_dir / name).is_file():
+            return idx_dir / name
+    raise DatasetError(f"{idx_dir}: neither {stem}.gz nor {stem} is there")
+
+
+def _check_trusted(path):
+    expected = IDX_FILES.get(path.name) or IDX_FILES.get(f"{path.name}.gz")
+    if path.suffix == ".gz" and calculate_md5(path) != expected:
+        print(f"warning: {path}: MD5 differs from the official file; using it as given", file=sys.stderr)
+
+
+def download_idx(raw_dir, mirrors=TorchvisionMNIST.mirrors):
+    """Download the four IDX files into ``raw_dir``, each checked against its official MD5."""
+    failures = []
+    for name, md5 in IDX_FILES.items():
+        target = raw_dir / name
+        for mirror in mirrors:
+            try:
+                download_url(f"{mirror}{name}", raw_dir, name, md5)
+                break
+            except RuntimeError:  # downloaded, but the checksum is wrong
+                target.unlink(missing_ok=True)
+                print(f"{mirror}{name}: MD5 is not the official {md5}; deleted it", file=sys.stderr)
+                failures.append(f"{mirror}{name} (wrong MD5)")
+            except OSError as e:
+                target.unlink(missing_ok=True)
+                failures.append(f"{mirror}{name} ({getattr(e, 'reason', e)})")
+        else:
+            raise DatasetError(
+                f"Could not download {name}; tried: {'; '.join(failures)}. "
+                "Either put train.tar and test.tar in the data folder, "
+                "or pass --idx-dir DIR naming a folder with the four MNIST IDX files, "
+                "or connect to the internet and run again."
+            )
+    return raw_dir
+
+
+def prepare(out="data", idx_dir=None, splits=("train", "test"), mirrors=TorchvisionMNIST.mirrors):
+    """Write ``out/{split}.tar`` for each split from the IDX files in ``idx_dir``, or downloaded ones.
+
+    Files in ``idx_dir`` are trusted input: an MD5 that differs from the
+    official one is only a warning. Returns the paths written.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if idx_dir is None:
+        idx_dir = download_idx(out / "raw", mirrors)
+    else:
+        idx_dir = Path(idx_dir)
+        if not idx_dir.is_dir():
+            raise DatasetError(f"{idx_dir}: no such directory")
+    written = []
+    for split in splits:
+        paths = [_find_idx(idx_dir, stem) for stem in SPLITS[split]]
+        for path in paths:
+            _check_trusted(path)
+        images, labels = (read_idx(p) for p in paths)
+        if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or len(images) != len(labels):
+            raise DatasetError(f"{paths[0]}: {images.shape} images do not fit {len(labels)} labels of 28x28 digits")
+        write_split_tar(images, labels, out / f"{split}.tar", split)
+        written.append(out / f"{split}.tar")
+    return written
+
+
+def ensure_tars(data_dir="data", idx_dir=None):
+    """Paths of ``train.tar`` and ``test.tar`` in ``data_dir``, preparing the missing ones first."""
+    data_dir = Path(data_dir)
+    missing = [s for s in SPLITS if not (data_dir / f"{s}.tar").exists()]
+    if missing:
+        source = idx_dir or "a download"
+        print(f"{data_dir}: {' and '.join(f'{s}.tar' for s in missing)} missing; preparing from {source}", file=sys.stderr)
+        prepare(data_dir, idx_dir, splits=missing)
+    return data_dir / "train.tar", data_dir / "test.tar"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    prep = commands.add_parser(
+        "prepare",
+        help="write train.tar and test.tar in the course layout",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    prep.add_argument("--idx-dir", type=Path, help="folder with the four IDX files (.gz or not); default: download")
+    prep.add_argument("--out", type=Path, default=Path("data"), help="folder to write the tars to")
+    args = parser.parse_args(argv)
+    try:
+        for path in prepare(args.out, args.idx_dir):
+            print(path)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
