@@ -59,7 +59,8 @@ class DatasetError(Exception):
 def _skipped(name):
     """Members that are not data: hidden files, macOS resource forks and folders."""
     parts = Path(name).parts
-    return not name.lower().endswith(".png") or "__MACOSX" in parts or any(p.startswith(".") for p in parts)
+    hidden = any(p.startswith(".") and p not in (".", "..") for p in parts)
+    return hidden or "__MACOSX" in parts or not name.lower().endswith(".png")
 
 
 def _decode_png(data, where):
@@ -104,12 +105,21 @@ def _iter_tar(path):
     write anywhere; links and devices are skipped.
     """
     try:
-        with tarfile.open(path, "r:*") as tar:
+        tar = tarfile.open(path, "r:*")
+    except (tarfile.TarError, OSError):
+        raise DatasetError(f"{path}: not a tar archive") from None
+    with tar:
+        try:
             for member in tar:
                 if member.isfile() and not _skipped(member.name):
                     yield member.name, tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, zlib.error) as e:
-        raise DatasetError(f"{path}: not a readable tar archive, or truncated ({e})") from None
+            # tarfile takes a cut at a member boundary for the end: a whole archive ends in zero blocks.
+            tar.fileobj.seek(tar.offset)
+            end = tar.fileobj.read(tarfile.BLOCKSIZE)
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+            raise DatasetError(f"{path}: truncated or corrupt tar archive ({e})") from None
+        if end != bytes(tarfile.BLOCKSIZE):
+            raise DatasetError(f"{path}: truncated tar archive (no end-of-archive marker after {tar.offset} bytes)")
 
 
 def _iter_dir(path):

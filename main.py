@@ -26,8 +26,6 @@ from dataset import MNIST, DatasetError, atomic_open, ensure_tars
 from model import MODELS, num_params
 
 TEST_BATCH_SIZE = 1000  # evaluation only: no gradients, so bigger batches are just faster
-# Settings that a resumed run takes from the command line rather than from its config.json.
-NOT_RESUMED = ("resume", "quiet")
 
 
 # --------------------------------------------------------------------------- training
@@ -252,7 +250,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=positive(int), default=32, help="training batch size")
     p.add_argument("--lr", type=positive(float), default=0.01, help="initial SGD learning rate")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="SGD weight decay (L2)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (L2)")
     p.add_argument(
         "--lr-schedule", choices=("cosine", "constant"), default="cosine", help="learning rate over the epochs"
     )
@@ -289,7 +287,7 @@ def load_config(args):
             cfg = json.loads((args.resume / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{args.resume / 'config.json'}: cannot read it ({e})") from None
-        cfg.update({k: getattr(args, k) for k in NOT_RESUMED})
+        cfg.update(resume=str(args.resume), quiet=args.quiet)  # all else as the run started
         return args.resume, cfg
     cfg = {k: v for k, v in vars(args).items() if k != "device"}
     cfg = json.loads(json.dumps(cfg, default=str))  # Paths as strings

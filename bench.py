@@ -1,0 +1,215 @@
+"""Speed of this project's data path and training loop against the obvious baselines, in one process.
+
+    python bench.py                    # about a minute on a 2-core CPU
+    python bench.py --steps 1875       # whole epochs (60,000 images at batch 32)
+
+(a) Samples per second delivered to a training loop by
+    naive     a Dataset that opens the tar and decodes one PNG per __getitem__,
+    textbook  per item: uint8 array -> PIL image -> ToTensor -> Normalize, collated by a DataLoader,
+    project   dataset.MNIST sliced a batch at a time by main.batch_loader.
+(b) Seconds per training epoch at batch 32, per model, for
+    textbook  the textbook loader and an eager loop that calls loss.item() every step,
+    plain     an eager loop over in-memory normalized tensors (NCHW, default SGD, .item() every step),
+    main      main.train() over main.batch_loader(), as python main.py runs it.
+Every time is the median of --repeats interleaved runs; epochs are extrapolated from --steps steps.
+Prints a table, then one JSON line with every number.
+"""
+
+import argparse
+import io
+import json
+import platform
+import statistics
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+import main
+from dataset import MEAN, STD, MNIST, ensure_tars
+from model import MODELS
+
+BATCH = 32
+EPOCH_STEPS = 60_000 // BATCH
+TEXTBOOK_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
+
+
+class NaiveTarMNIST(Dataset):
+    """What many course submissions do: keep the tar open, decode a PNG on every access."""
+
+    def __init__(self, path):
+        self.tar = tarfile.open(path)
+        self.members = sorted((m for m in self.tar.getmembers() if m.isfile()), key=lambda m: m.name)
+
+    def __len__(self):
+        return len(self.members)
+
+    def __getitem__(self, i):
+        member = self.members[i]
+        image = Image.open(io.BytesIO(self.tar.extractfile(member).read()))
+        return TEXTBOOK_TRANSFORM(image), int(member.name.rsplit("_", 1)[1].split(".")[0])
+
+
+class TextbookMNIST(Dataset):
+    """The tutorial pipeline: decoded uint8 images in memory, one PIL image and transform per item."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels = images.numpy(), labels.tolist()
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return TEXTBOOK_TRANSFORM(Image.fromarray(self.images[i], mode="L")), self.labels[i]
+
+
+def median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def drain(loader, steps):
+    for i, _ in enumerate(loader):
+        if i + 1 == steps:
+            break
+
+
+# --------------------------------------------------------------------------- training loops
+
+
+def textbook_epoch(model, loader, steps):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    total = 0.0
+    for i, (images, labels) in enumerate(loader):
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+        if i + 1 == steps:
+            break
+    return total
+
+
+def plain_epoch(model, images, labels, steps):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model.train()
+    order = torch.randperm(len(labels))
+    total = 0.0
+    for i in range(steps):
+        index = order[i * BATCH : (i + 1) * BATCH]
+        loss = F.cross_entropy(model(images[index]), labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total += loss.item()
+    return total
+
+
+def main_epoch(name, train_set, steps):
+    model = MODELS[name]().to(memory_format=MODELS[name].memory_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
+    generator = torch.Generator().manual_seed(0)
+    # main.train() runs whole loaders: give it one of exactly `steps` batches.
+    limited = MNIST.__new__(MNIST)
+    limited.__dict__.update(train_set.__dict__)
+    limited.images, limited.labels = train_set.images[: steps * BATCH], train_set.labels[: steps * BATCH]
+    main.train(model, main.batch_loader(limited, BATCH, generator), torch.device("cpu"), torch.nn.CrossEntropyLoss(), optimizer)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=300, help="training steps (batches) timed per measurement")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; the median is reported")
+    p.add_argument("--data-dir", type=Path, default=Path("data"), help="folder of train.tar")
+    p.add_argument("--idx-dir", type=Path, help="IDX files to build missing tars from")
+    p.add_argument("--models", default=",".join(MODELS), help="comma list of models to time")
+    return p.parse_args(argv)
+
+
+def run(args):
+    torch.manual_seed(0)
+    train_tar, _ = ensure_tars(args.data_dir, args.idx_dir)
+    project = MNIST(train_tar)
+    textbook = TextbookMNIST(project.images, project.labels)
+    images, labels = project[list(range(len(project)))]  # the plain loop's in-memory normalized tensors
+    steps = args.steps
+
+    def textbook_loader():
+        return DataLoader(textbook, batch_size=BATCH, shuffle=True)
+
+    loaders = {
+        "naive": lambda: DataLoader(NaiveTarMNIST(train_tar), batch_size=BATCH, shuffle=True),
+        "textbook": textbook_loader,
+        "project": lambda: main.batch_loader(project, BATCH, torch.Generator().manual_seed(0)),
+    }
+    naive_steps = max(steps // 10, 10)  # the naive path is slow; fewer batches give the same rate
+    samples = {}
+    for name, make in loaders.items():
+        n = naive_steps if name == "naive" else steps
+        seconds = median_time(lambda: drain(make(), n), args.repeats)
+        samples[name] = n * BATCH / seconds
+
+    epochs = {}
+    for name in args.models.split(","):
+        loops = {
+            "textbook": lambda: textbook_epoch(MODELS[name](), textbook_loader(), steps),
+            "plain": lambda: plain_epoch(MODELS[name](), images, labels, steps),
+            "main": lambda: main_epoch(name, project, steps),
+        }
+        for loop in loops.values():  # warm-up: first calls allocate and pick kernels
+            loop()
+        times = {loop: [] for loop in loops}
+        for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits all three
+            for loop, fn in loops.items():
+                start = time.perf_counter()
+                fn()
+                times[loop].append(time.perf_counter() - start)
+        epochs[name] = {loop: statistics.median(t) * EPOCH_STEPS / steps for loop, t in times.items()}
+    return samples, epochs
+
+
+def main_cli(argv=None):
+    args = parse_args(argv)
+    samples, epochs = run(args)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"steps {args.steps} x batch {BATCH}, median of {args.repeats}\n")
+    print(f"{'data path':<10} {'samples/s':>12} {'vs textbook':>12}")
+    for name, rate in samples.items():
+        print(f"{name:<10} {rate:>12,.0f} {rate / samples['textbook']:>11.1f}x")
+    print(f"\n{'model':<11} {'textbook s':>10} {'plain s':>8} {'main s':>7} {'main/textbook':>14} {'main/plain':>11}")
+    ratios = {}
+    for name, t in epochs.items():
+        ratios[name] = {"main/textbook": t["main"] / t["textbook"], "main/plain": t["main"] / t["plain"]}
+        print(
+            f"{name:<11} {t['textbook']:>10.2f} {t['plain']:>8.2f} {t['main']:>7.2f}"
+            f" {ratios[name]['main/textbook']:>14.2f} {ratios[name]['main/plain']:>11.2f}"
+        )
+    result = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "samples_per_s": samples,
+        "epoch_s": epochs,
+        "ratios": ratios,
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main_cli()

@@ -1,0 +1,78 @@
+"""Fixtures: tiny PNG tars and IDX files built in tmp_path, and the real MNIST tars prepared once per session."""
+
+import gzip
+import io
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import dataset  # noqa: E402
+
+# The four official IDX files; CI points MNIST_IDX_DIR at its copy of shared/mnist.
+SHARED_MNIST = Path(os.environ.get("MNIST_IDX_DIR", ROOT.parent / "shared" / "mnist"))
+
+
+def png_bytes(pixels, mode="L"):
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(pixels, dtype=np.uint8), mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def digit(value):
+    """A 28x28 grayscale image whose pixels all equal ``value``."""
+    return np.full((28, 28), value, dtype=np.uint8)
+
+
+def make_tar(path, members):
+    """Write a tar of (name, bytes) regular files, or ready-made (TarInfo, bytes or None) pairs."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = name if isinstance(name, tarfile.TarInfo) else tarfile.TarInfo(name)
+            if data is None:
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_idx(path, array):
+    """An IDX file of unsigned bytes, gzipped when the name ends in .gz."""
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + array.tobytes())
+    return path
+
+
+def tiny_idx_dir(root, n_train=64, n_test=32, seed=0):
+    """The four IDX files (train gzipped, test not) of random digits; returns (dir, arrays)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "train-images-idx3-ubyte.gz": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte.gz": rng.integers(0, 10, n_train),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test),
+    }
+    for name, array in arrays.items():
+        write_idx(root / name, array)
+    return root, arrays
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory):
+    """data/train.tar and data/test.tar prepared from the real IDX files, once per session."""
+    assert SHARED_MNIST.is_dir(), f"{SHARED_MNIST}: the MNIST IDX files are needed; set MNIST_IDX_DIR"
+    out = tmp_path_factory.mktemp("data")
+    dataset.prepare(out, SHARED_MNIST)
+    return out

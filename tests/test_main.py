@@ -1,0 +1,174 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import main
+from conftest import ROOT, tiny_idx_dir
+from dataset import MNIST
+from model import LeNet5
+
+STAT_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"}
+
+
+def run(mnist_dir, out_dir, *extra, name="run"):
+    argv = ["--data-dir", str(mnist_dir), "--out-dir", str(out_dir), "--run-name", name, "--quiet", *extra]
+    return main.main(argv)
+
+
+def epochs_without_time(stats_path):
+    rows = json.loads(stats_path.read_text())["epochs"]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+SMALL = ("--train-limit", "2000", "--test-limit", "500", "--epochs", "2", "--device", "cpu")
+
+
+def test_small_run_writes_config_stats_and_checkpoints(mnist_dir, tmp_path, capsys):
+    assert run(mnist_dir, tmp_path, *SMALL) == 0
+    run_dir = tmp_path / "run"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["epochs"] == 2 and config["batch_size"] == 32 and config["lr"] == 0.01
+    assert config["momentum"] == 0.9 and config["torch"] == torch.__version__ and config["device"] == "cpu"
+    assert (tmp_path / "latest").resolve() == run_dir.resolve()
+    for name, params in [("lenet5", 61_706), ("mlp", None), ("lenet5_reg", 62_158)]:
+        stats = json.loads((run_dir / name / "stats.json").read_text())
+        assert stats["model"] == name and (params is None or stats["params"] == params)
+        assert [row["epoch"] for row in stats["epochs"]] == [1, 2]
+        assert all(set(row) == STAT_KEYS for row in stats["epochs"])
+        assert all(0 <= row[k] <= 1 for row in stats["epochs"] for k in ("train_acc", "test_acc"))
+        first, second = stats["epochs"]
+        assert second["train_loss"] < first["train_loss"] and second["test_loss"] < first["test_loss"]
+        last = torch.load(run_dir / name / "last.pt", weights_only=True)
+        assert last["epoch"] == 2 and {"model", "optimizer", "scheduler", "rng"} <= set(last)
+        best = torch.load(run_dir / name / "best.pt", weights_only=True)
+        assert best["test_acc"] == max(row["test_acc"] for row in stats["epochs"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if " epoch " in line]
+    assert len(lines) == 6 and lines[0].startswith("lenet5     seed 0 epoch  1/2")
+
+
+def test_two_runs_with_the_same_seed_give_identical_stats(mnist_dir, tmp_path):
+    for name in ("a", "b"):
+        assert run(mnist_dir, tmp_path, *SMALL, "--model", "lenet5_reg", name=name) == 0
+    assert epochs_without_time(tmp_path / "a/lenet5_reg/stats.json") == epochs_without_time(
+        tmp_path / "b/lenet5_reg/stats.json"
+    )
+
+
+def test_an_interrupted_run_resumes_to_the_same_numbers(mnist_dir, tmp_path, monkeypatch, capsys):
+    limits = ("--train-limit", "1000", "--test-limit", "300", "--epochs", "3", "--device", "cpu")
+    assert run(mnist_dir, tmp_path, *limits, "--model", "lenet5_reg,mlp", name="whole") == 0
+
+    calls = 0
+    real_train = main.train
+
+    def train_then_ctrl_c(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # during lenet5_reg's third epoch
+            raise KeyboardInterrupt
+        return real_train(*args)
+
+    monkeypatch.setattr(main, "train", train_then_ctrl_c)
+    assert run(mnist_dir, tmp_path, *limits, "--model", "lenet5_reg,mlp", name="cut") == 130
+    assert "--resume" in capsys.readouterr().out
+    cut = tmp_path / "cut"
+    assert len(json.loads((cut / "lenet5_reg/stats.json").read_text())["epochs"]) == 2
+    assert torch.load(cut / "lenet5_reg/last.pt", weights_only=True)["epoch"] == 2
+    assert not (cut / "mlp").exists()
+
+    monkeypatch.setattr(main, "train", real_train)
+    assert main.main(["--resume", str(cut), "--quiet"]) == 0
+    for name in ("lenet5_reg", "mlp"):
+        assert epochs_without_time(cut / name / "stats.json") == epochs_without_time(tmp_path / "whole" / name / "stats.json")
+
+
+def test_sigterm_keeps_completed_epochs(mnist_dir, tmp_path):
+    cmd = [sys.executable, str(ROOT / "main.py"), "--data-dir", str(mnist_dir), "--out-dir", str(tmp_path),
+           "--run-name", "r", "--model", "mlp", "--train-limit", "3000", "--test-limit", "100", "--epochs", "1000"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    for line in proc.stdout:
+        if "epoch    2/1000" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    stats = json.loads((tmp_path / "r/mlp/stats.json").read_text())
+    epoch = torch.load(tmp_path / "r/mlp/last.pt", weights_only=True)["epoch"]
+    assert len(stats["epochs"]) == epoch >= 2
+    assert not [p for p in (tmp_path / "r/mlp").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_final_batch_of_one_sample_trains_every_model(mnist_dir, tmp_path):
+    assert run(mnist_dir, tmp_path, "--train-limit", "33", "--test-limit", "10", "--epochs", "1") == 0
+
+
+def test_several_seeds_go_to_seed_folders(mnist_dir, tmp_path):
+    assert run(mnist_dir, tmp_path, "--model", "mlp", "--seeds", "3,4", "--train-limit", "200", "--test-limit", "50",
+               "--epochs", "1") == 0  # fmt: skip
+    for seed in (3, 4):
+        assert json.loads((tmp_path / f"run/mlp/seed{seed}/stats.json").read_text())["seed"] == seed
+
+
+def test_missing_tars_are_prepared_from_idx_dir(tmp_path):
+    idx, _ = tiny_idx_dir(tmp_path / "idx", n_train=100, n_test=40)
+    data = tmp_path / "data"
+    assert run(data, tmp_path / "runs", "--idx-dir", str(idx), "--model", "mlp", "--epochs", "1") == 0
+    assert len(MNIST(data / "train.tar")) == 100 and len(MNIST(data / "test.tar")) == 40
+
+
+def test_loss_is_the_mean_over_samples_not_over_batches(mnist_dir):
+    torch.manual_seed(0)
+    model = LeNet5().eval()
+    test_set = MNIST(mnist_dir / "test.tar", limit=1500)  # batches of 1000 and 500
+    loss, acc = main.test(model, main.batch_loader(test_set, 1000), torch.device("cpu"), torch.nn.CrossEntropyLoss())
+    images, labels = test_set[list(range(1500))]
+    with torch.no_grad():
+        logits = model(images)
+    assert loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert acc == (logits.argmax(1) == labels).float().mean().item()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "resnet"], "unknown model resnet"),
+        (["--epochs", "0"], "--epochs: must be greater than 0"),
+        (["--batch-size", "-1"], "--batch-size: must be greater than 0"),
+        (["--lr", "0"], "--lr: must be greater than 0"),
+        (["--device", "cuda"], "no CUDA device"),
+        (["--device", "mps"], "no Apple MPS device"),
+        (["--resume", "."], "is not a run directory"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_:
+        main.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("main.py: error:")
+
+
+def test_missing_data_without_network_exits_1(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("dataset.TorchvisionMNIST.mirrors", ["http://127.0.0.1:9/"])
+    monkeypatch.setattr("dataset.download_idx.__defaults__", (["http://127.0.0.1:9/"],))
+    assert run(tmp_path / "data", tmp_path / "runs", "--epochs", "1") == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: Could not download") and "--idx-dir" in err
+
+
+# --------------------------------------------------------------------------- real accuracy, 1 epoch
+
+
+@pytest.mark.parametrize("name, floor", [("lenet5", 0.975), ("lenet5_reg", 0.975), ("mlp", 0.95)])
+def test_one_epoch_on_the_full_training_set_reaches_real_accuracy(mnist_dir, tmp_path, name, floor):
+    assert run(mnist_dir, tmp_path, "--model", name, "--epochs", "1", "--device", "cpu") == 0
+    stats = json.loads((tmp_path / "run" / name / "stats.json").read_text())
+    assert stats["epochs"][0]["test_acc"] >= floor
