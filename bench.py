@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 import main
-from dataset import MEAN, STD, MNIST, ensure_tars
+from dataset import MEAN, MNIST, STD, ensure_tars
 from model import MODELS
 
 BATCH = 32
@@ -131,7 +131,9 @@ def main_epoch(name, train_set, steps):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--steps", type=int, default=300, help="training steps (batches) timed per measurement")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; the median is reported")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="folder of train.tar")

@@ -197,7 +197,7 @@ def load_split(path):
 # --------------------------------------------------------------------------- dataset
 
 
-def random_affine(batch, degrees=10.0, translate=0.1, scale=(0.9, 1.1)):
+def random_affine(batch, degrees=5.0, translate=0.05, scale=(0.95, 1.05)):
     """A different random rotation, shift and zoom for each image of a (N, 1, H, W) batch.
 
     One ``affine_grid`` + ``grid_sample`` call for the whole batch; uses the
@@ -360,7 +360,9 @@ def ensure_tars(data_dir="data", idx_dir=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="dataset.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser(
         "prepare",

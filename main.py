@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
@@ -207,7 +206,7 @@ def run_job(name, seed, cfg, out, data, device, quiet):
             },
         )
         print(
-            f"{name:<10} seed {seed} epoch {epoch:>2}/{cfg['epochs']}"
+            f"{name:<10} seed {seed} epoch {epoch:>{len(str(cfg['epochs']))}}/{cfg['epochs']}"
             f" | train loss {train_loss:.4f} acc {train_acc:7.2%}"
             f" | test loss {test_loss:.4f} acc {test_acc:7.2%} | {seconds:5.1f} s",
             flush=True,
@@ -244,7 +243,9 @@ def seed_list(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="main.py", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", type=model_list, default="all", help=f"{', '.join(MODELS)}, a comma list, or all")
     p.add_argument("--epochs", type=positive(int), default=10, help="training epochs per model")
     p.add_argument("--batch-size", type=positive(int), default=32, help="training batch size")
@@ -263,7 +264,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="folder of train.tar and test.tar")
     p.add_argument("--idx-dir", type=Path, help="folder with the four IDX files, to build missing tars from")
     p.add_argument("--out-dir", type=Path, default=Path("runs"), help="folder of the runs")
-    p.add_argument("--run-name", help="name of this run's folder (default: a timestamp)")
+    p.add_argument("--run-name", help="name of this run's folder; a timestamp when not given")
     p.add_argument("--train-limit", type=positive(int), help="use only the first N training images")
     p.add_argument("--test-limit", type=positive(int), help="use only the first N test images")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run with its saved settings")

@@ -18,14 +18,14 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only; --show switches to an interactive backend
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from matplotlib.ticker import MaxNLocator
+from torchvision.utils import make_grid
 
-from dataset import MEAN, STD, MNIST, DatasetError  # noqa: E402
-from main import TEST_BATCH_SIZE, batch_loader  # noqa: E402
-from model import MODELS  # noqa: E402
+from dataset import MNIST, DatasetError
+from main import TEST_BATCH_SIZE, batch_loader
+from model import MODELS
 
 PANELS = [  # (stats key, panel title, y label)
     ("train_loss", "Training loss", "mean cross-entropy"),
@@ -267,7 +267,9 @@ def plot_run(run_dir, run, data_dir):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="plot.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("runs", nargs="*", type=Path, help="run folders (default: runs/latest)")
     p.add_argument("--data-dir", type=Path, help="folder of test.tar (default: the run's own)")
     p.add_argument("--show", action="store_true", help="also open the figures in a window")

@@ -14,7 +14,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import dataset  # noqa: E402
+import dataset
 
 # The four official IDX files; CI points MNIST_IDX_DIR at its copy of shared/mnist.
 SHARED_MNIST = Path(os.environ.get("MNIST_IDX_DIR", ROOT.parent / "shared" / "mnist"))

@@ -9,10 +9,10 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_MNIST, digit, make_tar, png_bytes, tiny_idx_dir, write_idx
 
 import dataset
-from conftest import SHARED_MNIST, digit, make_tar, png_bytes, tiny_idx_dir, write_idx
-from dataset import MEAN, STD, MNIST, DatasetError
+from dataset import MEAN, MNIST, STD, DatasetError
 
 
 def normalized(value):
