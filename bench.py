@@ -16,9 +16,9 @@ Prints a table, then one JSON line with every number.
 """
 
 import argparse
+import functools
 import io
 import json
-import platform
 import statistics
 import tarfile
 import time
@@ -130,9 +130,13 @@ def main_epoch(name, train_set, steps):
 # --------------------------------------------------------------------------- CLI
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and each option's default."""
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="bench.py", description=__doc__, formatter_class=HelpFormatter
     )
     p.add_argument("--steps", type=int, default=300, help="training steps (batches) timed per measurement")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; the median is reported")
@@ -153,24 +157,22 @@ def run(args):
     def textbook_loader():
         return DataLoader(textbook, batch_size=BATCH, shuffle=True)
 
-    loaders = {
-        "naive": lambda: DataLoader(NaiveTarMNIST(train_tar), batch_size=BATCH, shuffle=True),
-        "textbook": textbook_loader,
-        "project": lambda: main.batch_loader(project, BATCH, torch.Generator().manual_seed(0)),
-    }
     naive_steps = max(steps // 10, 10)  # the naive path is slow; fewer batches give the same rate
+    data_paths = {
+        "naive": (lambda: drain(DataLoader(NaiveTarMNIST(train_tar), batch_size=BATCH, shuffle=True), naive_steps)),
+        "textbook": (lambda: drain(textbook_loader(), steps)),
+        "project": (lambda: drain(main.batch_loader(project, BATCH, torch.Generator().manual_seed(0)), steps)),
+    }
     samples = {}
-    for name, make in loaders.items():
-        n = naive_steps if name == "naive" else steps
-        seconds = median_time(lambda: drain(make(), n), args.repeats)
-        samples[name] = n * BATCH / seconds
+    for path, fn in data_paths.items():
+        samples[path] = (naive_steps if path == "naive" else steps) * BATCH / median_time(fn, args.repeats)
 
     epochs = {}
     for name in args.models.split(","):
         loops = {
-            "textbook": lambda: textbook_epoch(MODELS[name](), textbook_loader(), steps),
-            "plain": lambda: plain_epoch(MODELS[name](), images, labels, steps),
-            "main": lambda: main_epoch(name, project, steps),
+            "textbook": functools.partial(lambda n: textbook_epoch(MODELS[n](), textbook_loader(), steps), name),
+            "plain": functools.partial(lambda n: plain_epoch(MODELS[n](), images, labels, steps), name),
+            "main": functools.partial(main_epoch, name, project, steps),
         }
         for loop in loops.values():  # warm-up: first calls allocate and pick kernels
             loop()
@@ -187,7 +189,7 @@ def run(args):
 def main_cli(argv=None):
     args = parse_args(argv)
     samples, epochs = run(args)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {main.cpu_name()}")
     print(f"steps {args.steps} x batch {BATCH}, median of {args.repeats}\n")
     print(f"{'data path':<10} {'samples/s':>12} {'vs textbook':>12}")
     for name, rate in samples.items():
@@ -203,6 +205,7 @@ def main_cli(argv=None):
     result = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu": main.cpu_name(),
         "steps": args.steps,
         "repeats": args.repeats,
         "samples_per_s": samples,

@@ -297,9 +297,8 @@ def _check_trusted(path):
 
 def download_idx(raw_dir, mirrors=TorchvisionMNIST.mirrors):
     """Download the four IDX files into ``raw_dir``, each checked against its official MD5."""
-    failures = []
     for name, md5 in IDX_FILES.items():
-        target = raw_dir / name
+        target, failures = raw_dir / name, []
         for mirror in mirrors:
             try:
                 download_url(f"{mirror}{name}", raw_dir, name, md5)

@@ -85,6 +85,15 @@ def pick_device(name):
     return torch.device(name)
 
 
+def cpu_name():
+    """The processor's model name, for the record."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def epoch_seed(seed, epoch):
     """The RNG seed of one epoch: shuffling, dropout and augmentation depend only on (seed, epoch),
     so a run resumed at any epoch boundary repeats an uninterrupted one exactly."""
@@ -306,7 +315,13 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = args.device
-    cfg.update(device=str(device), torch=torch.__version__, python=platform.python_version(), cpu=platform.processor())
+    cfg.update(
+        device=str(device),
+        threads=torch.get_num_threads(),
+        cpu=cpu_name(),
+        torch=torch.__version__,
+        python=platform.python_version(),
+    )
     # SIGTERM ends the run the way Ctrl-C does: completed epochs are already on disk.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
