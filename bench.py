@@ -3,14 +3,15 @@
     python bench.py                    # about a minute on a 2-core CPU
     python bench.py --steps 1875       # whole epochs (60,000 images at batch 32)
 
-(a) Samples per second delivered to a training loop by
+Seconds to load train.tar the first time (every PNG decoded) and from the cache, then
+(a) samples per second delivered to a training loop by
     naive     a Dataset that opens the tar and decodes one PNG per __getitem__,
     textbook  per item: uint8 array -> PIL image -> ToTensor -> Normalize, collated by a DataLoader,
-    project   dataset.MNIST sliced a batch at a time by main.batch_loader.
+    project   dataset.MNIST sliced a batch at a time by batch_loader.
 (b) Seconds per training epoch at batch 32, per model, for
     textbook  the textbook loader and an eager loop that calls loss.item() every step,
     plain     an eager loop over in-memory normalized tensors (NCHW, default SGD, .item() every step),
-    main      main.train() over main.batch_loader(), as python main.py runs it.
+    main      main.train() over batch_loader(), as python main.py runs it.
 Every time is the median of --repeats interleaved runs; epochs are extrapolated from --steps steps.
 Prints a table, then one JSON line with every number.
 """
@@ -19,8 +20,10 @@ import argparse
 import functools
 import io
 import json
+import shutil
 import statistics
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,12 +34,38 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 import main
-from dataset import MEAN, MNIST, STD, ensure_tars
-from model import MODELS
+from dataset import MEAN, MNIST, STD, batch_loader, ensure_tars
+from model import MODELS, CustomMLP, LeNet5, LeNet5Regularized
 
 BATCH = 32
 EPOCH_STEPS = 60_000 // BATCH
 TEXTBOOK_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
+
+
+class TextbookLeNet5(LeNet5):
+    """LeNet-5 as tutorials write it: ReLU, then pool. The same function as LeNet5 (which pools first)."""
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.conv1(x)))
+        x = self.pool(self.relu(self.conv2(x)))
+        x = self.relu(self.fc1(x.flatten(1)))
+        x = self.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class TextbookLeNet5Regularized(LeNet5Regularized):
+    """The regularized LeNet-5 as tutorials write it: BatchNorm, ReLU, then pool."""
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.bn1(self.conv1(x))))
+        x = self.pool(self.relu(self.bn2(self.conv2(x))))
+        x = self.dropout(self.relu(self.bn3(self.fc1(x.flatten(1)))))
+        x = self.dropout(self.relu(self.bn4(self.fc2(x))))
+        return self.fc3(x)
+
+
+# The models the baselines train: the obvious layer order, default (NCHW) memory format.
+BASELINE_MODELS = {"lenet5": TextbookLeNet5, "mlp": CustomMLP, "lenet5_reg": TextbookLeNet5Regularized}
 
 
 class NaiveTarMNIST(Dataset):
@@ -124,7 +153,7 @@ def main_epoch(name, train_set, steps):
     limited = MNIST.__new__(MNIST)
     limited.__dict__.update(train_set.__dict__)
     limited.images, limited.labels = train_set.images[: steps * BATCH], train_set.labels[: steps * BATCH]
-    main.train(model, main.batch_loader(limited, BATCH, generator), torch.device("cpu"), torch.nn.CrossEntropyLoss(), optimizer)
+    main.train(model, batch_loader(limited, BATCH, generator), torch.device("cpu"), torch.nn.CrossEntropyLoss(), optimizer)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -146,9 +175,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def load_times(train_tar):
+    """Seconds to read the training tar the first time (decode every PNG, write the cache), then from the cache."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(shutil.copy(train_tar, tmp))
+        return {"first": median_time(lambda: MNIST(copy), 1), "cached": median_time(lambda: MNIST(copy), 3)}
+
+
 def run(args):
     torch.manual_seed(0)
     train_tar, _ = ensure_tars(args.data_dir, args.idx_dir)
+    loads = load_times(train_tar)
     project = MNIST(train_tar)
     textbook = TextbookMNIST(project.images, project.labels)
     images, labels = project[list(range(len(project)))]  # the plain loop's in-memory normalized tensors
@@ -161,7 +198,7 @@ def run(args):
     data_paths = {
         "naive": (lambda: drain(DataLoader(NaiveTarMNIST(train_tar), batch_size=BATCH, shuffle=True), naive_steps)),
         "textbook": (lambda: drain(textbook_loader(), steps)),
-        "project": (lambda: drain(main.batch_loader(project, BATCH, torch.Generator().manual_seed(0)), steps)),
+        "project": (lambda: drain(batch_loader(project, BATCH, torch.Generator().manual_seed(0)), steps)),
     }
     samples = {}
     for path, fn in data_paths.items():
@@ -170,8 +207,10 @@ def run(args):
     epochs = {}
     for name in args.models.split(","):
         loops = {
-            "textbook": functools.partial(lambda n: textbook_epoch(MODELS[n](), textbook_loader(), steps), name),
-            "plain": functools.partial(lambda n: plain_epoch(MODELS[n](), images, labels, steps), name),
+            "textbook": functools.partial(
+                lambda n: textbook_epoch(BASELINE_MODELS[n](), textbook_loader(), steps), name
+            ),
+            "plain": functools.partial(lambda n: plain_epoch(BASELINE_MODELS[n](), images, labels, steps), name),
             "main": functools.partial(main_epoch, name, project, steps),
         }
         for loop in loops.values():  # warm-up: first calls allocate and pick kernels
@@ -183,14 +222,15 @@ def run(args):
                 fn()
                 times[loop].append(time.perf_counter() - start)
         epochs[name] = {loop: statistics.median(t) * EPOCH_STEPS / steps for loop, t in times.items()}
-    return samples, epochs
+    return loads, samples, epochs
 
 
 def main_cli(argv=None):
     args = parse_args(argv)
-    samples, epochs = run(args)
+    loads, samples, epochs = run(args)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {main.cpu_name()}")
     print(f"steps {args.steps} x batch {BATCH}, median of {args.repeats}\n")
+    print(f"loading train.tar: first {loads['first']:.2f} s (decode + cache), cached {loads['cached']:.2f} s\n")
     print(f"{'data path':<10} {'samples/s':>12} {'vs textbook':>12}")
     for name, rate in samples.items():
         print(f"{name:<10} {rate:>12,.0f} {rate / samples['textbook']:>11.1f}x")
@@ -208,6 +248,7 @@ def main_cli(argv=None):
         "cpu": main.cpu_name(),
         "steps": args.steps,
         "repeats": args.repeats,
+        "load_s": loads,
         "samples_per_s": samples,
         "epoch_s": epochs,
         "ratios": ratios,

@@ -19,6 +19,7 @@ import glob
 import gzip
 import hashlib
 import io
+import math
 import os
 import re
 import sys
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import MNIST as TorchvisionMNIST
 from torchvision.datasets.utils import calculate_md5, download_url
 from torchvision.transforms.v2 import functional as TF
@@ -197,6 +198,16 @@ def load_split(path):
 # --------------------------------------------------------------------------- dataset
 
 
+def scale(images):
+    """uint8 images (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1]."""
+    return TF.to_dtype(images.unsqueeze(1), torch.float32, scale=True)
+
+
+def normalize(images):
+    """Standardize [0, 1] images with the MNIST training set's mean and std."""
+    return TF.normalize(images, [MEAN], [STD])
+
+
 def random_affine(batch, degrees=5.0, translate=0.05, scale=(0.95, 1.05)):
     """A different random rotation, shift and zoom for each image of a (N, 1, H, W) batch.
 
@@ -229,6 +240,8 @@ class MNIST(Dataset):
         if limit is not None:
             self.images, self.labels = self.images[:limit], self.labels[:limit]
         self.augment = augment
+        # Scaled and normalized once, as a whole: serving a batch is then a single gather.
+        self.normalized = normalize(scale(self.images))  # (N, 1, 28, 28) float32
 
     def __len__(self):
         return len(self.labels)
@@ -236,17 +249,44 @@ class MNIST(Dataset):
     def to(self, device):
         """Keep the split on ``device`` (a GPU), so batches are sliced and augmented there."""
         self.images, self.labels = self.images.to(device), self.labels.to(device)
+        self.normalized = self.normalized.to(device)
         return self
 
     def __getitem__(self, index):
-        """An int gives one (image (1, 28, 28), label int); a list of ints a batch (N, 1, 28, 28), (N,)."""
+        """An int gives one (image (1, 28, 28), label int); a list or tensor of indices a batch (N, 1, 28, 28), (N,)."""
         if isinstance(index, int):
             image, label = self[[index]]
             return image[0], int(label[0])
-        images = TF.to_dtype(self.images[index].unsqueeze(1), torch.float32, scale=True)
-        if self.augment:
-            images = random_affine(images)
-        return TF.normalize(images, [MEAN], [STD]), self.labels[index]
+        if self.augment:  # distort the [0, 1] images, whose background is 0, then normalize
+            return normalize(random_affine(scale(self.images[index]))), self.labels[index]
+        return self.normalized[index], self.labels[index]
+
+
+class BatchSlices(Sampler):
+    """Index tensors of whole batches: slices of a random permutation, or of 0..N-1 without a generator.
+
+    With a generator it visits the same order as ``BatchSampler(RandomSampler(data, generator=g), ...)``,
+    at a fraction of the cost: no Python list per batch.
+    """
+
+    def __init__(self, size, batch_size, generator=None):
+        self.size, self.batch_size, self.generator = size, batch_size, generator
+
+    def __len__(self):
+        return math.ceil(self.size / self.batch_size)
+
+    def __iter__(self):
+        if self.generator is None:
+            order = torch.arange(self.size)
+        else:
+            order = torch.randperm(self.size, generator=self.generator)
+        return iter(order.split(self.batch_size))
+
+
+def batch_loader(dataset, batch_size, generator=None):
+    """A DataLoader of whole batches sliced from the in-memory split; shuffled when given a generator."""
+    # batch_size=None: each index the sampler yields already selects a batch; no per-item collation.
+    return DataLoader(dataset, batch_size=None, sampler=BatchSlices(len(dataset), batch_size, generator))
 
 
 # --------------------------------------------------------------------------- preparing the tars
@@ -313,7 +353,7 @@ def download_idx(raw_dir, mirrors=TorchvisionMNIST.mirrors):
         else:
             raise DatasetError(
                 f"Could not download {name}; tried: {'; '.join(failures)}. "
-                "Either put train.tar and test.tar in the data folder, "
+                f"Either put train.tar and test.tar in {raw_dir.parent}, "
                 "or pass --idx-dir DIR naming a folder with the four MNIST IDX files, "
                 "or connect to the internet and run again."
             )

@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 from tqdm import tqdm
 
-from dataset import MNIST, DatasetError, atomic_open, ensure_tars
+from dataset import MNIST, DatasetError, atomic_open, batch_loader, ensure_tars
 from model import MODELS, num_params
 
 TEST_BATCH_SIZE = 1000  # evaluation only: no gradients, so bigger batches are just faster
@@ -65,13 +64,6 @@ def test(model, tst_loader, device, criterion):
         correct += (logits.argmax(1) == labels).sum()
         count += len(labels)
     return loss_sum.item() / count, correct.item() / count
-
-
-def batch_loader(dataset, batch_size, generator=None):
-    """A DataLoader that slices whole batches out of the in-memory split (shuffled when given a generator)."""
-    order = SequentialSampler(dataset) if generator is None else RandomSampler(dataset, generator=generator)
-    # batch_size=None: each index the sampler yields is already a list of indices, one batch.
-    return DataLoader(dataset, batch_size=None, sampler=BatchSampler(order, batch_size, drop_last=False))
 
 
 def pick_device(name):
@@ -298,7 +290,7 @@ def load_config(args):
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{args.resume / 'config.json'}: cannot read it ({e})") from None
         cfg.update(resume=str(args.resume), quiet=args.quiet)  # all else as the run started
-        return args.resume, cfg
+        return args.resume.resolve(), cfg  # runs/latest names the run it links to
     cfg = {k: v for k, v in vars(args).items() if k != "device"}
     cfg = json.loads(json.dumps(cfg, default=str))  # Paths as strings
     cfg["run_name"] = args.run_name or time.strftime("%Y%m%d-%H%M%S")

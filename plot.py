@@ -134,7 +134,9 @@ def plot_model_curves(name, seeds, out):
 
 def plot_comparison(runs, out):
     several = len(runs) > 1
-    fig, axes = curves_figure("Comparison" + (" of runs" if several else " of models"))
+    seeds = max(len(seeds) for run in runs.values() for seeds in run.values())
+    band = f", mean and ±1 std band over {seeds} seeds" if seeds > 1 else ""
+    fig, axes = curves_figure("Comparison" + (" of runs" if several else " of models") + band)
     for run_dir, run in runs.items():
         for name, seeds in run.items():
             draw_curves(axes, seeds, f"{run_dir.name}: {name}" if several else name)

@@ -1,10 +1,11 @@
+import pytest
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 import bench
 import main
-from dataset import MNIST
-from model import LeNet5
+from dataset import MNIST, batch_loader
+from model import MODELS, LeNet5
 
 
 def accuracy_after_training(train_set, test_set, optimized):
@@ -16,13 +17,14 @@ def accuracy_after_training(train_set, test_set, optimized):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=optimized)
     generator = torch.Generator().manual_seed(0)
     if optimized:
-        loader = main.batch_loader(train_set, 32, generator)
+        loader = batch_loader(train_set, 32, generator)
     else:  # per-item __getitem__ and default collation, in the same shuffled order
         loader = DataLoader(train_set, batch_size=32, sampler=RandomSampler(train_set, generator=generator))
     criterion = torch.nn.CrossEntropyLoss()
-    for _ in range(2):
+    for epoch in range(2):
+        generator.manual_seed(epoch)  # as main.py does: each epoch's order depends only on its seed
         main.train(model, loader, torch.device("cpu"), criterion, optimizer)
-    return main.test(model, main.batch_loader(test_set, 1000), torch.device("cpu"), criterion)[1]
+    return main.test(model, batch_loader(test_set, 1000), torch.device("cpu"), criterion)[1]
 
 
 def test_speedups_do_not_change_results(mnist_dir):
@@ -36,7 +38,19 @@ def test_speedups_do_not_change_results(mnist_dir):
 def test_bench_runs_and_reports_every_number(mnist_dir, capsys):
     result = bench.main_cli(["--steps", "3", "--repeats", "1", "--data-dir", str(mnist_dir), "--models", "mlp"])
     assert set(result["samples_per_s"]) == {"naive", "textbook", "project"}
+    assert result["load_s"]["first"] > result["load_s"]["cached"] > 0
     assert set(result["epoch_s"]["mlp"]) == {"textbook", "plain", "main"}
     assert all(v > 0 for v in result["samples_per_s"].values())
     out = capsys.readouterr().out
     assert out.splitlines()[-1].startswith('{"torch"') and "main/textbook" in out
+
+
+@pytest.mark.parametrize("name", ["lenet5", "lenet5_reg"])
+def test_baseline_models_compute_the_same_function_as_ours(name):
+    torch.manual_seed(0)
+    ours = MODELS[name]().eval()
+    baseline = bench.BASELINE_MODELS[name]().eval()
+    baseline.load_state_dict(ours.state_dict())
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), baseline(x), atol=1e-6)

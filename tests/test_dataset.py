@@ -270,7 +270,8 @@ def test_no_network_says_what_was_tried_and_the_three_ways_out(tmp_path, capsys)
         dataset.prepare(tmp_path / "data", mirrors=unreachable)
     message = str(error.value)
     assert "http://127.0.0.1:9/mnist/train-images-idx3-ubyte.gz" in message
-    assert "data folder" in message and "--idx-dir" in message and "connect" in message
+    assert f"put train.tar and test.tar in {tmp_path / 'data'}," in message
+    assert "--idx-dir" in message and "connect" in message
 
 
 def test_trusted_idx_copy_with_another_checksum_is_only_a_warning(tmp_path, capsys):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import ROOT, tiny_idx_dir
 
 import main
-from dataset import MNIST
+from dataset import MNIST, batch_loader
 from model import LeNet5
 
 STAT_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"}
@@ -82,7 +82,8 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(mnist_dir, tmp_path, mon
     assert not (cut / "mlp").exists()
 
     monkeypatch.setattr(main, "train", real_train)
-    assert main.main(["--resume", str(cut), "--quiet"]) == 0
+    assert (tmp_path / "latest").resolve() == cut.resolve()
+    assert main.main(["--resume", str(tmp_path / "latest"), "--quiet"]) == 0
     for name in ("lenet5_reg", "mlp"):
         assert epochs_without_time(cut / name / "stats.json") == epochs_without_time(tmp_path / "whole" / name / "stats.json")
 
@@ -125,7 +126,7 @@ def test_loss_is_the_mean_over_samples_not_over_batches(mnist_dir):
     torch.manual_seed(0)
     model = LeNet5().eval()
     test_set = MNIST(mnist_dir / "test.tar", limit=1500)  # batches of 1000 and 500
-    loss, acc = main.test(model, main.batch_loader(test_set, 1000), torch.device("cpu"), torch.nn.CrossEntropyLoss())
+    loss, acc = main.test(model, batch_loader(test_set, 1000), torch.device("cpu"), torch.nn.CrossEntropyLoss())
     images, labels = test_set[list(range(1500))]
     with torch.no_grad():
         logits = model(images)
