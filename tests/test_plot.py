@@ -87,7 +87,7 @@ def test_several_runs_overlay_in_one_comparison(trained_run, tmp_path, monkeypat
 
     monkeypatch.setattr(plot, "save", save_and_record)
     assert plot.main([str(a), str(b)]) == 0
-    assert legends["comparison.png"] == ["a: lenet5", "a: lenet5_reg", "a: mlp", "b: mlp"]
+    assert legends["comparison.png"] == ["a: lenet5", "a: mlp", "a: lenet5_reg", "b: mlp"]
     assert (b / "report.md").is_file()
 
 
