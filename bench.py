@@ -159,13 +159,9 @@ def main_epoch(name, train_set, steps):
 # --------------------------------------------------------------------------- CLI
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and each option's default."""
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        prog="bench.py", description=__doc__, formatter_class=HelpFormatter
+        prog="bench.py", description=__doc__, formatter_class=main.HelpFormatter
     )
     p.add_argument("--steps", type=int, default=300, help="training steps (batches) timed per measurement")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; the median is reported")

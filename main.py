@@ -243,10 +243,12 @@ def seed_list(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text}") from None
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows the module docstring as written and each option's default."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="main.py", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="main.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", type=model_list, default="all", help=f"{', '.join(MODELS)}, a comma list, or all")
     p.add_argument("--epochs", type=positive(int), default=10, help="training epochs per model")
     p.add_argument("--batch-size", type=positive(int), default=32, help="training batch size")

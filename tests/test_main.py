@@ -172,3 +172,16 @@ def test_one_epoch_on_the_full_training_set_reaches_real_accuracy(mnist_dir, tmp
     assert run(mnist_dir, tmp_path, "--model", name, "--epochs", "1", "--device", "cpu") == 0
     stats = json.loads((tmp_path / "run" / name / "stats.json").read_text())
     assert stats["epochs"][0]["test_acc"] >= floor
+
+
+def test_only_the_regularized_models_training_split_is_augmented(mnist_dir, tmp_path, monkeypatch):
+    made = []
+    real_mnist = main.MNIST
+
+    def recording_mnist(path, augment=False, limit=None):
+        made.append((path.name, augment))
+        return real_mnist(path, augment=augment, limit=limit)
+
+    monkeypatch.setattr(main, "MNIST", recording_mnist)
+    assert run(mnist_dir, tmp_path, "--train-limit", "64", "--test-limit", "32", "--epochs", "1") == 0
+    assert made == [("train.tar", False), ("test.tar", False)] * 2 + [("train.tar", True), ("test.tar", False)]
