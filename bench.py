@@ -153,16 +153,16 @@ def main_epoch(name, train_set, steps):
     limited = MNIST.__new__(MNIST)
     limited.__dict__.update(train_set.__dict__)
     limited.images, limited.labels = train_set.images[: steps * BATCH], train_set.labels[: steps * BATCH]
-    main.train(model, batch_loader(limited, BATCH, generator), torch.device("cpu"), torch.nn.CrossEntropyLoss(), optimizer)
+    main.train(
+        model, batch_loader(limited, BATCH, generator), torch.device("cpu"), torch.nn.CrossEntropyLoss(), optimizer
+    )
 
 
 # --------------------------------------------------------------------------- CLI
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        prog="bench.py", description=__doc__, formatter_class=main.HelpFormatter
-    )
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=main.HelpFormatter)
     p.add_argument("--steps", type=int, default=300, help="training steps (batches) timed per measurement")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repetitions; the median is reported")
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="folder of train.tar")

@@ -393,7 +393,9 @@ def ensure_tars(data_dir="data", idx_dir=None):
     missing = [s for s in SPLITS if not (data_dir / f"{s}.tar").exists()]
     if missing:
         source = idx_dir or "a download"
-        print(f"{data_dir}: {' and '.join(f'{s}.tar' for s in missing)} missing; preparing from {source}", file=sys.stderr)
+        print(
+            f"{data_dir}: {' and '.join(f'{s}.tar' for s in missing)} missing; preparing from {source}", file=sys.stderr
+        )
         prepare(data_dir, idx_dir, splits=missing)
     return data_dir / "train.tar", data_dir / "test.tar"
 

@@ -232,7 +232,7 @@ def model_list(text):
     names = list(MODELS) if text == "all" else [n.strip() for n in text.split(",")]
     unknown = [n for n in names if n not in MODELS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown model {', '.join(unknown)!s}; choose from {', '.join(MODELS)} or all")
+        raise argparse.ArgumentTypeError(f"unknown model {', '.join(unknown)}; choose from {', '.join(MODELS)} or all")
     return names
 
 
@@ -331,6 +331,9 @@ def main(argv=None):
                 run_job(name, seed, cfg, out, data, device, cfg["quiet"])
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. an output folder that cannot be written
+        print(f"error: {e.filename or run_dir}: {e.strerror}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"\ninterrupted: completed epochs are saved; continue with: python main.py --resume {run_dir}")

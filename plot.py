@@ -167,7 +167,9 @@ def plot_confusion(name, confusion, out):
     fig, ax = plt.subplots(figsize=(6.5, 5.5), constrained_layout=True)
     confusion = confusion.numpy()
     image = ax.imshow(confusion, cmap="Blues", norm=matplotlib.colors.LogNorm(vmin=0.5, vmax=confusion.max()))
-    for (true, pred), count in zip(torch.cartesian_prod(torch.arange(10), torch.arange(10)).tolist(), confusion.flatten()):
+    for (true, pred), count in zip(
+        torch.cartesian_prod(torch.arange(10), torch.arange(10)).tolist(), confusion.flatten()
+    ):
         if count >= 0.5:
             color = "white" if count > confusion.max() / 4 else "black"
             ax.text(pred, true, f"{count:.0f}", ha="center", va="center", fontsize=7, color=color)

@@ -85,7 +85,9 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(mnist_dir, tmp_path, mon
     assert (tmp_path / "latest").resolve() == cut.resolve()
     assert main.main(["--resume", str(tmp_path / "latest"), "--quiet"]) == 0
     for name in ("lenet5_reg", "mlp"):
-        assert epochs_without_time(cut / name / "stats.json") == epochs_without_time(tmp_path / "whole" / name / "stats.json")
+        assert epochs_without_time(cut / name / "stats.json") == epochs_without_time(
+            tmp_path / "whole" / name / "stats.json"
+        )
 
 
 def test_sigterm_keeps_completed_epochs(mnist_dir, tmp_path):
@@ -185,3 +187,11 @@ def test_only_the_regularized_models_training_split_is_augmented(mnist_dir, tmp_
     monkeypatch.setattr(main, "MNIST", recording_mnist)
     assert run(mnist_dir, tmp_path, "--train-limit", "64", "--test-limit", "32", "--epochs", "1") == 0
     assert made == [("train.tar", False), ("test.tar", False)] * 2 + [("train.tar", True), ("test.tar", False)]
+
+
+def test_an_unwritable_output_folder_is_one_line_not_a_traceback(mnist_dir, tmp_path, capsys):
+    blocker = tmp_path / "runs"
+    blocker.write_text("a file where the runs folder should be")
+    assert run(mnist_dir, blocker, "--epochs", "1", "--train-limit", "64") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {blocker}") and "Traceback" not in err
