@@ -18,6 +18,7 @@ Prints a table, then one JSON line with every number.
 
 import argparse
 import functools
+import itertools
 import io
 import json
 import shutil
@@ -148,14 +149,8 @@ def plain_epoch(model, images, labels, steps):
 def main_epoch(name, train_set, steps):
     model = MODELS[name]().to(memory_format=MODELS[name].memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
-    generator = torch.Generator().manual_seed(0)
-    # main.train() runs whole loaders: give it one of exactly `steps` batches.
-    limited = MNIST.__new__(MNIST)
-    limited.__dict__.update(train_set.__dict__)
-    limited.images, limited.labels = train_set.images[: steps * BATCH], train_set.labels[: steps * BATCH]
-    main.train(
-        model, batch_loader(limited, BATCH, generator), torch.device("cpu"), torch.nn.CrossEntropyLoss(), optimizer
-    )
+    batches = itertools.islice(batch_loader(train_set, BATCH, torch.Generator().manual_seed(0)), steps)
+    main.train(model, batches, torch.device("cpu"), torch.nn.CrossEntropyLoss(), optimizer)
 
 
 # --------------------------------------------------------------------------- CLI

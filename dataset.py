@@ -15,6 +15,7 @@ Indexing with a list of indices returns a whole batch at once, so a
 
 import argparse
 import contextlib
+import copy
 import glob
 import gzip
 import hashlib
@@ -245,6 +246,12 @@ class MNIST(Dataset):
 
     def __len__(self):
         return len(self.labels)
+
+    def with_augment(self, augment):
+        """This split, sharing its tensors, with augmentation switched on or off."""
+        split = copy.copy(self)
+        split.augment = augment
+        return split
 
     def to(self, device):
         """Keep the split on ``device`` (a GPU), so batches are sliced and augmented there."""

@@ -133,7 +133,7 @@ def uses_augmentation(name, cfg):
 # --------------------------------------------------------------------------- one model
 
 
-def run_job(name, seed, cfg, out, data, device, quiet):
+def run_job(name, seed, cfg, out, train_set, test_set, device, quiet):
     """Train one model with one seed for cfg['epochs'], continuing from out/last.pt if present."""
     torch.manual_seed(seed)
     kwargs = model_kwargs(name, cfg)
@@ -161,10 +161,8 @@ def run_job(name, seed, cfg, out, data, device, quiet):
         del stats["epochs"][last["epoch"] :]  # a row written just before a kill, without its checkpoint
     best_acc = max((e["test_acc"] for e in stats["epochs"]), default=-1.0)
 
-    train_set = MNIST(data["train"], augment=uses_augmentation(name, cfg), limit=cfg["train_limit"]).to(device)
-    test_set = MNIST(data["test"], limit=cfg["test_limit"]).to(device)
     generator = torch.Generator()
-    trn_loader = batch_loader(train_set, cfg["batch_size"], generator)
+    trn_loader = batch_loader(train_set.with_augment(uses_augmentation(name, cfg)), cfg["batch_size"], generator)
     tst_loader = batch_loader(test_set, TEST_BATCH_SIZE)
     show_bar = sys.stdout.isatty() and not quiet
 
@@ -324,11 +322,12 @@ def main(argv=None):
         write_json(run_dir / "config.json", cfg)
         point_latest(run_dir)
         print(f"run {run_dir} on {device}", flush=True)
-        data = {"train": train_tar, "test": test_tar}
+        train_set = MNIST(train_tar, limit=cfg["train_limit"]).to(device)
+        test_set = MNIST(test_tar, limit=cfg["test_limit"]).to(device)
         for seed in cfg["seeds"]:
             for name in cfg["model"]:
                 out = job_dir(run_dir, name, seed, cfg["per_seed"])
-                run_job(name, seed, cfg, out, data, device, cfg["quiet"])
+                run_job(name, seed, cfg, out, train_set, test_set, device, cfg["quiet"])
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

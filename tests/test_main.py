@@ -177,16 +177,16 @@ def test_one_epoch_on_the_full_training_set_reaches_real_accuracy(mnist_dir, tmp
 
 
 def test_only_the_regularized_models_training_split_is_augmented(mnist_dir, tmp_path, monkeypatch):
-    made = []
-    real_mnist = main.MNIST
+    loaders = []
+    real_batch_loader = main.batch_loader
 
-    def recording_mnist(path, augment=False, limit=None):
-        made.append((path.name, augment))
-        return real_mnist(path, augment=augment, limit=limit)
+    def recording_batch_loader(dataset, batch_size, generator=None):
+        loaders.append((dataset.path.name, dataset.augment))
+        return real_batch_loader(dataset, batch_size, generator)
 
-    monkeypatch.setattr(main, "MNIST", recording_mnist)
+    monkeypatch.setattr(main, "batch_loader", recording_batch_loader)
     assert run(mnist_dir, tmp_path, "--train-limit", "64", "--test-limit", "32", "--epochs", "1") == 0
-    assert made == [("train.tar", False), ("test.tar", False)] * 2 + [("train.tar", True), ("test.tar", False)]
+    assert loaders == [("train.tar", False), ("test.tar", False)] * 2 + [("train.tar", True), ("test.tar", False)]
 
 
 def test_an_unwritable_output_folder_is_one_line_not_a_traceback(mnist_dir, tmp_path, capsys):
