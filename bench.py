@@ -18,8 +18,8 @@ Prints a table, then one JSON line with every number.
 
 import argparse
 import functools
-import itertools
 import io
+import itertools
 import json
 import shutil
 import statistics
