@@ -19,12 +19,13 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; --show switches to an interactive backend
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid
 
-from dataset import MNIST, DatasetError
-from main import TEST_BATCH_SIZE, batch_loader
+from dataset import MNIST, DatasetError, batch_loader
+from main import TEST_BATCH_SIZE
 from model import MODELS
 
 PANELS = [  # (stats key, panel title, y label)
@@ -167,9 +168,7 @@ def plot_confusion(name, confusion, out):
     fig, ax = plt.subplots(figsize=(6.5, 5.5), constrained_layout=True)
     confusion = confusion.numpy()
     image = ax.imshow(confusion, cmap="Blues", norm=matplotlib.colors.LogNorm(vmin=0.5, vmax=confusion.max()))
-    for (true, pred), count in zip(
-        torch.cartesian_prod(torch.arange(10), torch.arange(10)).tolist(), confusion.flatten()
-    ):
+    for (true, pred), count in np.ndenumerate(confusion):
         if count >= 0.5:
             color = "white" if count > confusion.max() / 4 else "black"
             ax.text(pred, true, f"{count:.0f}", ha="center", va="center", fontsize=7, color=color)
@@ -238,7 +237,7 @@ def report(run_dir, run, per_class, figures):
 # --------------------------------------------------------------------------- CLI
 
 
-def test_split(run_dir, data_dir):
+def load_test_split(run_dir, data_dir):
     """The test set the run was evaluated on (its data folder and --test-limit), or None."""
     try:
         config = json.loads((run_dir / "config.json").read_text())
@@ -252,21 +251,26 @@ def test_split(run_dir, data_dir):
         return None
 
 
+def confusion_matrix(labels, predictions):
+    """counts[true, predicted] as a float (10, 10) tensor."""
+    return torch.bincount(labels * 10 + predictions, minlength=100).view(10, 10).float()
+
+
 def plot_run(run_dir, run, data_dir):
     out = run_dir / "plots"
     figures = [plot_model_curves(name, seeds, out) for name, seeds in run.items()]
-    test_set = test_split(run_dir, data_dir)
+    test_set = load_test_split(run_dir, data_dir)
+    if test_set is None:
+        return figures, {}
     per_class = {}
-    for name, seeds in run.items() if test_set is not None else ():
-        predictions = [(p, folder) for folder, _ in seeds if (p := predict(folder, test_set)) is not None]
+    for name, seeds in run.items():
+        predictions = [p for folder, _ in seeds if (p := predict(folder, test_set)) is not None]
         if not predictions:
             continue
-        confusions = [torch.zeros(10, 10) for _ in predictions]
-        for confusion, (p, _) in zip(confusions, predictions):
-            confusion.index_put_((test_set.labels, p), torch.ones(len(p)), accumulate=True)
+        confusions = [confusion_matrix(test_set.labels, p) for p in predictions]
         per_class[name] = [(c.diagonal() / c.sum(1)).tolist() for c in confusions]
         figures.append(plot_confusion(name, torch.stack(confusions).mean(0), out))
-        figures.append(plot_misclassified(name, test_set, predictions[0][0], out))
+        figures.append(plot_misclassified(name, test_set, predictions[0], out))
     return [f for f in figures if f is not None], per_class
 
 
