@@ -45,6 +45,7 @@ CACHE_VERSION = 1
 
 # The four IDX files by split, in the names the mirrors use, with official MD5s.
 IDX_FILES = dict(TorchvisionMNIST.resources)
+MIRRORS = TorchvisionMNIST.mirrors  # tried in turn; read when a download starts
 SPLITS = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -342,11 +343,11 @@ def _check_trusted(path):
         print(f"warning: {path}: MD5 differs from the official file; using it as given", file=sys.stderr)
 
 
-def download_idx(raw_dir, mirrors=TorchvisionMNIST.mirrors):
-    """Download the four IDX files into ``raw_dir``, each checked against its official MD5."""
+def download_idx(raw_dir, mirrors=None):
+    """Download the four IDX files into ``raw_dir`` from ``mirrors`` (default MIRRORS), each MD5-checked."""
     for name, md5 in IDX_FILES.items():
         target, failures = raw_dir / name, []
-        for mirror in mirrors:
+        for mirror in mirrors or MIRRORS:
             try:
                 download_url(f"{mirror}{name}", raw_dir, name, md5)
                 break
@@ -367,7 +368,7 @@ def download_idx(raw_dir, mirrors=TorchvisionMNIST.mirrors):
     return raw_dir
 
 
-def prepare(out="data", idx_dir=None, splits=("train", "test"), mirrors=TorchvisionMNIST.mirrors):
+def prepare(out="data", idx_dir=None, splits=("train", "test"), mirrors=None):
     """Write ``out/{split}.tar`` for each split from the IDX files in ``idx_dir``, or downloaded ones.
 
     Files in ``idx_dir`` are trusted input: an MD5 that differs from the

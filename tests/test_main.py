@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, tiny_idx_dir
 
+import dataset
 import main
 from dataset import MNIST, batch_loader
 from model import LeNet5
@@ -159,11 +160,11 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, monkeypatch):
 
 
 def test_missing_data_without_network_exits_1(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("dataset.TorchvisionMNIST.mirrors", ["http://127.0.0.1:9/"])
-    monkeypatch.setattr("dataset.download_idx.__defaults__", (["http://127.0.0.1:9/"],))
+    monkeypatch.setattr(dataset, "MIRRORS", ["http://127.0.0.1:9/"])  # refused at once, on this machine
     assert run(tmp_path / "data", tmp_path / "runs", "--epochs", "1") == 1
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("error: Could not download") and "--idx-dir" in err
+    assert "http://127.0.0.1:9/train-images-idx3-ubyte.gz" in err  # the patched mirror, not the public ones
 
 
 # --------------------------------------------------------------------------- real accuracy, 1 epoch
