@@ -9,8 +9,9 @@ PNG once into a single uint8 tensor, and caches that tensor beside the tar in
 tensor of shape (1, 28, 28), scaled to [0, 1] then normalized with the MNIST
 mean and std, and an int label read from the file name.
 
-Indexing with a list of indices returns a whole batch at once, so a
-``DataLoader`` over a ``BatchSampler`` slices batches straight from memory.
+Indexing with a list or tensor of indices returns a whole batch at once, so
+``batch_loader`` (a ``DataLoader`` over ``BatchSlices``) slices batches straight
+from memory.
 """
 
 import argparse
@@ -60,7 +61,7 @@ class DatasetError(Exception):
 
 
 def _skipped(name):
-    """Members that are not data: hidden files, macOS resource forks and folders."""
+    """Names that are not data: non-PNGs, hidden files, macOS resource forks (``._x``, ``__MACOSX/``)."""
     parts = Path(name).parts
     hidden = any(p.startswith(".") and p not in (".", "..") for p in parts)
     return hidden or "__MACOSX" in parts or not name.lower().endswith(".png")
@@ -200,7 +201,7 @@ def load_split(path):
 # --------------------------------------------------------------------------- dataset
 
 
-def scale(images):
+def to_unit(images):
     """uint8 images (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1]."""
     return TF.to_dtype(images.unsqueeze(1), torch.float32, scale=True)
 
@@ -243,7 +244,7 @@ class MNIST(Dataset):
             self.images, self.labels = self.images[:limit], self.labels[:limit]
         self.augment = augment
         # Scaled and normalized once, as a whole: serving a batch is then a single gather.
-        self.normalized = normalize(scale(self.images))  # (N, 1, 28, 28) float32
+        self.normalized = normalize(to_unit(self.images))  # (N, 1, 28, 28) float32
 
     def __len__(self):
         return len(self.labels)
@@ -266,7 +267,7 @@ class MNIST(Dataset):
             image, label = self[[index]]
             return image[0], int(label[0])
         if self.augment:  # distort the [0, 1] images, whose background is 0, then normalize
-            return normalize(random_affine(scale(self.images[index]))), self.labels[index]
+            return normalize(random_affine(to_unit(self.images[index]))), self.labels[index]
         return self.normalized[index], self.labels[index]
 
 

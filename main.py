@@ -133,7 +133,7 @@ def uses_augmentation(name, cfg):
 # --------------------------------------------------------------------------- one model
 
 
-def run_job(name, seed, cfg, out, train_set, test_set, device, quiet):
+def run_job(name, seed, cfg, out, train_set, test_set, device):
     """Train one model with one seed for cfg['epochs'], continuing from out/last.pt if present."""
     torch.manual_seed(seed)
     kwargs = model_kwargs(name, cfg)
@@ -164,7 +164,7 @@ def run_job(name, seed, cfg, out, train_set, test_set, device, quiet):
     generator = torch.Generator()
     trn_loader = batch_loader(train_set.with_augment(uses_augmentation(name, cfg)), cfg["batch_size"], generator)
     tst_loader = batch_loader(test_set, TEST_BATCH_SIZE)
-    show_bar = sys.stdout.isatty() and not quiet
+    show_bar = sys.stdout.isatty() and not cfg["quiet"]
 
     for epoch in range(len(stats["epochs"]) + 1, cfg["epochs"] + 1):
         start = time.perf_counter()
@@ -327,7 +327,7 @@ def main(argv=None):
         for seed in cfg["seeds"]:
             for name in cfg["model"]:
                 out = job_dir(run_dir, name, seed, cfg["per_seed"])
-                run_job(name, seed, cfg, out, train_set, test_set, device, cfg["quiet"])
+                run_job(name, seed, cfg, out, train_set, test_set, device)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
