@@ -82,7 +82,7 @@ def per_epoch(seeds, key):
     n = min(len(stats["epochs"]) for _, stats in seeds)  # seeds may differ in length mid-run
     columns = [[stats["epochs"][i][key] * scale for _, stats in seeds] for i in range(n)]
     mean = [statistics.fmean(c) for c in columns]
-    std = [statistics.pstdev(c) if len(c) > 1 else 0.0 for c in columns]
+    std = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in columns]  # sample std, as in report.md
     return list(range(1, n + 1)), mean, std
 
 
@@ -96,10 +96,10 @@ def mean_std(values, percent=True, digits=2):
 # --------------------------------------------------------------------------- figures
 
 
-def draw_curves(axes, seeds, label, color=None):
+def draw_curves(axes, seeds, label):
     for ax, (key, _, _) in zip(axes.flat, PANELS):
         epochs, mean, std = per_epoch(seeds, key)
-        (line,) = ax.plot(epochs, mean, marker="o", markersize=3, label=label, color=color)
+        (line,) = ax.plot(epochs, mean, marker="o", markersize=3, label=label)
         if len(seeds) > 1:
             low, high = [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)]
             ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2)
@@ -123,21 +123,20 @@ def save(fig, path):
     return path
 
 
-def seeds_note(seeds):
-    return f", mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else ""
+def seeds_note(count):
+    return f", mean and ±1 std band over {count} seeds" if count > 1 else ""
 
 
 def plot_model_curves(name, seeds, out):
-    fig, axes = curves_figure(f"{name} ({seeds[0][1]['params']:,} parameters){seeds_note(seeds)}")
+    fig, axes = curves_figure(f"{name} ({seeds[0][1]['params']:,} parameters){seeds_note(len(seeds))}")
     draw_curves(axes, seeds, name)
     return save(fig, out / f"{name}_curves.png")
 
 
 def plot_comparison(runs, out):
     several = len(runs) > 1
-    seeds = max(len(seeds) for run in runs.values() for seeds in run.values())
-    band = f", mean and ±1 std band over {seeds} seeds" if seeds > 1 else ""
-    fig, axes = curves_figure("Comparison" + (" of runs" if several else " of models") + band)
+    most_seeds = max(len(seeds) for run in runs.values() for seeds in run.values())
+    fig, axes = curves_figure("Comparison" + (" of runs" if several else " of models") + seeds_note(most_seeds))
     for run_dir, run in runs.items():
         for name, seeds in run.items():
             draw_curves(axes, seeds, f"{run_dir.name}: {name}" if several else name)
