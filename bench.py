@@ -98,13 +98,14 @@ class TextbookMNIST(Dataset):
         return TEXTBOOK_TRANSFORM(Image.fromarray(self.images[i], mode="L")), self.labels[i]
 
 
+def seconds(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds(fn) for _ in range(repeats))
 
 
 def drain(loader, steps):
@@ -179,7 +180,7 @@ def run(args):
     loads = load_times(train_tar)
     project = MNIST(train_tar)
     textbook = TextbookMNIST(project.images, project.labels)
-    images, labels = project[list(range(len(project)))]  # the plain loop's in-memory normalized tensors
+    naive = NaiveTarMNIST(train_tar)  # indexing the tar's members is set-up, not per-sample work
     steps = args.steps
 
     def textbook_loader():
@@ -187,7 +188,7 @@ def run(args):
 
     naive_steps = max(steps // 10, 10)  # the naive path is slow; fewer batches give the same rate
     data_paths = {
-        "naive": (lambda: drain(DataLoader(NaiveTarMNIST(train_tar), batch_size=BATCH, shuffle=True), naive_steps)),
+        "naive": (lambda: drain(DataLoader(naive, batch_size=BATCH, shuffle=True), naive_steps)),
         "textbook": (lambda: drain(textbook_loader(), steps)),
         "project": (lambda: drain(batch_loader(project, BATCH, torch.Generator().manual_seed(0)), steps)),
     }
@@ -201,7 +202,9 @@ def run(args):
             "textbook": functools.partial(
                 lambda n: textbook_epoch(BASELINE_MODELS[n](), textbook_loader(), steps), name
             ),
-            "plain": functools.partial(lambda n: plain_epoch(BASELINE_MODELS[n](), images, labels, steps), name),
+            "plain": functools.partial(
+                lambda n: plain_epoch(BASELINE_MODELS[n](), project.normalized, project.labels, steps), name
+            ),
             "main": functools.partial(main_epoch, name, project, steps),
         }
         for loop in loops.values():  # warm-up: first calls allocate and pick kernels
@@ -209,9 +212,7 @@ def run(args):
         times = {loop: [] for loop in loops}
         for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits all three
             for loop, fn in loops.items():
-                start = time.perf_counter()
-                fn()
-                times[loop].append(time.perf_counter() - start)
+                times[loop].append(seconds(fn))
         epochs[name] = {loop: statistics.median(t) * EPOCH_STEPS / steps for loop, t in times.items()}
     return loads, samples, epochs
 
