@@ -11,7 +11,7 @@ from conftest import ROOT, tiny_idx_dir
 import dataset
 import main
 from dataset import MNIST, batch_loader
-from model import LeNet5
+from model import CustomMLP, LeNet5, num_params
 
 STAT_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"}
 
@@ -36,9 +36,9 @@ def test_small_run_writes_config_stats_and_checkpoints(mnist_dir, tmp_path, caps
     assert config["epochs"] == 2 and config["batch_size"] == 32 and config["lr"] == 0.01
     assert config["momentum"] == 0.9 and config["torch"] == torch.__version__ and config["device"] == "cpu"
     assert (tmp_path / "latest").resolve() == run_dir.resolve()
-    for name, params in [("lenet5", 61_706), ("mlp", None), ("lenet5_reg", 62_158)]:
+    for name, params in [("lenet5", 61_706), ("mlp", num_params(CustomMLP())), ("lenet5_reg", 62_158)]:
         stats = json.loads((run_dir / name / "stats.json").read_text())
-        assert stats["model"] == name and (params is None or stats["params"] == params)
+        assert stats["model"] == name and stats["params"] == params
         assert [row["epoch"] for row in stats["epochs"]] == [1, 2]
         assert all(set(row) == STAT_KEYS for row in stats["epochs"])
         assert all(0 <= row[k] <= 1 for row in stats["epochs"] for k in ("train_acc", "test_acc"))
