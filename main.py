@@ -30,11 +30,13 @@ TEST_BATCH_SIZE = 1000  # evaluation only: no gradients, so bigger batches are j
 
 
 def train(model, trn_loader, device, criterion, optimizer):
-    """One epoch of training; returns (mean loss per sample, accuracy in [0, 1]) over every sample seen."""
+    """One epoch of training; returns (mean loss per sample, accuracy in [0, 1]) over every sample seen.
+
+    A step only keeps its logits (detached) and labels; loss and accuracy are computed from them
+    once, after the epoch, so the loop does no bookkeeping and never waits for the device.
+    """
     model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    count = 0
+    outputs, targets = [], []
     for images, labels in trn_loader:
         if len(labels) == 1:  # BatchNorm cannot normalize a single sample in training mode
             continue
@@ -44,26 +46,31 @@ def train(model, trn_loader, device, criterion, optimizer):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach() * len(labels)
-        correct += (logits.argmax(1) == labels).sum()
-        count += len(labels)
-    return loss_sum.item() / count, correct.item() / count  # the epoch's only host syncs
+        outputs.append(logits.detach())
+        targets.append(labels)
+    return summarize(criterion, outputs, targets)
 
 
 @torch.inference_mode()
 def test(model, tst_loader, device, criterion):
     """Evaluate; returns (mean loss per sample, accuracy in [0, 1]) over the whole loader."""
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    count = 0
+    outputs, targets = [], []
     for images, labels in tst_loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = model(images)
-        loss_sum += criterion(logits, labels) * len(labels)
-        correct += (logits.argmax(1) == labels).sum()
-        count += len(labels)
-    return loss_sum.item() / count, correct.item() / count
+        outputs.append(model(images.to(device, non_blocking=True)))
+        targets.append(labels.to(device, non_blocking=True))
+    return summarize(criterion, outputs, targets)
+
+
+@torch.inference_mode()
+def summarize(criterion, outputs, targets):
+    """(mean loss per sample, accuracy) of the logits and labels of a whole epoch; the epoch's only host syncs.
+
+    ``criterion`` averages over samples, so applied to all of them at once it gives the
+    per-sample mean of the losses the steps saw, whatever the batch sizes.
+    """
+    logits, labels = torch.cat(outputs), torch.cat(targets)
+    return criterion(logits, labels).item(), (logits.argmax(1) == labels).double().mean().item()
 
 
 def pick_device(name):
@@ -273,6 +280,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 <= args.dropout < 1:
         p.error(f"argument --dropout: must be in [0, 1), got {args.dropout}")
+    if args.train_limit == 1:
+        p.error("argument --train-limit: must be at least 2 (a batch of one image is skipped: BatchNorm needs two)")
     try:
         args.device = pick_device(args.device)
     except ValueError as e:

@@ -137,6 +137,21 @@ def test_loss_is_the_mean_over_samples_not_over_batches(mnist_dir):
     assert acc == (logits.argmax(1) == labels).sum().item() / 1500
 
 
+def test_training_loss_and_accuracy_are_over_samples_not_batches(mnist_dir):
+    torch.manual_seed(0)
+    model = LeNet5()
+    train_set = MNIST(mnist_dir / "train.tar", limit=1500)  # batches of 1000 and 500
+    frozen = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights every batch sees are the same
+    loss, acc = main.train(
+        model, batch_loader(train_set, 1000), torch.device("cpu"), torch.nn.CrossEntropyLoss(), frozen
+    )
+    images, labels = train_set[list(range(1500))]
+    with torch.no_grad():
+        logits = model(images)
+    assert loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+    assert acc == (logits.argmax(1) == labels).sum().item() / 1500
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -147,6 +162,7 @@ def test_loss_is_the_mean_over_samples_not_over_batches(mnist_dir):
         (["--device", "cuda"], "no CUDA device"),
         (["--device", "mps"], "no Apple MPS device"),
         (["--resume", "."], "is not a run directory"),
+        (["--train-limit", "1"], "--train-limit: must be at least 2"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, monkeypatch):
