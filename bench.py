@@ -1,6 +1,6 @@
 """Speed of this project's data path and training loop against the obvious baselines, in one process.
 
-    python bench.py                    # about a minute on a 2-core CPU
+    python bench.py                    # about 1.5 minutes on a 2-core CPU
     python bench.py --steps 1875       # whole epochs (60,000 images at batch 32)
 
 Seconds to load train.tar the first time (every PNG decoded) and from the cache, then
