@@ -280,8 +280,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 <= args.dropout < 1:
         p.error(f"argument --dropout: must be in [0, 1), got {args.dropout}")
-    if args.train_limit == 1:
-        p.error("argument --train-limit: must be at least 2 (a batch of one image is skipped: BatchNorm needs two)")
+    if min(args.batch_size, args.train_limit or args.batch_size) == 1:  # train() would see no batch it can use
+        flag = "--batch-size" if args.batch_size == 1 else "--train-limit"
+        p.error(f"argument {flag}: must be at least 2 (a batch of one image is skipped: BatchNorm needs two)")
     try:
         args.device = pick_device(args.device)
     except ValueError as e:

@@ -163,6 +163,7 @@ def test_training_loss_and_accuracy_are_over_samples_not_batches(mnist_dir):
         (["--device", "mps"], "no Apple MPS device"),
         (["--resume", "."], "is not a run directory"),
         (["--train-limit", "1"], "--train-limit: must be at least 2"),
+        (["--batch-size", "1"], "--batch-size: must be at least 2"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, monkeypatch):
