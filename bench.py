@@ -17,7 +17,6 @@ Prints a table, then one JSON line with every number.
 """
 
 import argparse
-import functools
 import io
 import itertools
 import json
@@ -147,9 +146,8 @@ def plain_epoch(model, images, labels, steps):
     return total
 
 
-def main_epoch(name, train_set, steps):
-    model = MODELS[name]().to(memory_format=MODELS[name].memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, fused=True)
+def main_epoch(name, cfg, train_set, steps):
+    model, optimizer, _ = main.build(name, cfg, torch.device("cpu"))  # as python main.py builds them
     batches = itertools.islice(batch_loader(train_set, BATCH, torch.Generator().manual_seed(0)), steps)
     main.train(model, batches, torch.device("cpu"), torch.nn.CrossEntropyLoss(), optimizer)
 
@@ -196,16 +194,13 @@ def run(args):
     for path, fn in data_paths.items():
         samples[path] = (naive_steps if path == "naive" else steps) * BATCH / median_time(fn, args.repeats)
 
+    main_defaults = vars(main.parse_args(["--device", "cpu"]))
     epochs = {}
     for name in args.models.split(","):
         loops = {
-            "textbook": functools.partial(
-                lambda n: textbook_epoch(BASELINE_MODELS[n](), textbook_loader(), steps), name
-            ),
-            "plain": functools.partial(
-                lambda n: plain_epoch(BASELINE_MODELS[n](), project.normalized, project.labels, steps), name
-            ),
-            "main": functools.partial(main_epoch, name, project, steps),
+            "textbook": lambda name=name: textbook_epoch(BASELINE_MODELS[name](), textbook_loader(), steps),
+            "plain": lambda name=name: plain_epoch(BASELINE_MODELS[name](), project.normalized, project.labels, steps),
+            "main": lambda name=name: main_epoch(name, main_defaults, project, steps),
         }
         for loop in loops.values():  # warm-up: first calls allocate and pick kernels
             loop()

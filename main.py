@@ -140,11 +140,9 @@ def uses_augmentation(name, cfg):
 # --------------------------------------------------------------------------- one model
 
 
-def run_job(name, seed, cfg, out, train_set, test_set, device):
-    """Train one model with one seed for cfg['epochs'], continuing from out/last.pt if present."""
-    torch.manual_seed(seed)
-    kwargs = model_kwargs(name, cfg)
-    model = MODELS[name](**kwargs).to(device, memory_format=MODELS[name].memory_format)
+def build(name, cfg, device):
+    """The model, SGD optimizer and learning-rate schedule of one job under cfg (bench.py times these too)."""
+    model = MODELS[name](**model_kwargs(name, cfg)).to(device, memory_format=MODELS[name].memory_format)
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=cfg["lr"],
@@ -157,6 +155,14 @@ def run_job(name, seed, cfg, out, train_set, test_set, device):
         if cfg["lr_schedule"] == "cosine"
         else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
     )
+    return model, optimizer, scheduler
+
+
+def run_job(name, seed, cfg, out, train_set, test_set, device):
+    """Train one model with one seed for cfg['epochs'], continuing from out/last.pt if present."""
+    torch.manual_seed(seed)
+    kwargs = model_kwargs(name, cfg)
+    model, optimizer, scheduler = build(name, cfg, device)
     criterion = torch.nn.CrossEntropyLoss()
     stats = {"model": name, "params": num_params(model), "seed": seed, "kwargs": kwargs, "epochs": []}
     if (out / "last.pt").exists():
