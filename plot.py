@@ -86,11 +86,11 @@ def per_epoch(seeds, key):
     return list(range(1, n + 1)), mean, std
 
 
-def mean_std(values, percent=True, digits=2):
-    scale, unit = (100, "%") if percent else (1, "")
+def mean_std(values, digits=2):
+    """Fractions as percent: the one value, or mean ± sample std over seeds."""
     if len(values) == 1:
-        return f"{values[0] * scale:.{digits}f}{unit}"
-    return f"{statistics.fmean(values) * scale:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}{unit}"
+        return f"{values[0] * 100:.{digits}f}%"
+    return f"{statistics.fmean(values) * 100:.{digits}f} ± {statistics.stdev(values) * 100:.{digits}f}%"
 
 
 # --------------------------------------------------------------------------- figures
