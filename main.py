@@ -10,6 +10,7 @@ stats.json, last.pt and best.pt, all rewritten atomically after every epoch.
 """
 
 import argparse
+import functools
 import json
 import platform
 import signal
@@ -29,26 +30,84 @@ TEST_BATCH_SIZE = 1000  # evaluation only: no gradients, so bigger batches are j
 # --------------------------------------------------------------------------- training
 
 
-def train(model, trn_loader, device, criterion, optimizer):
+def train(model, trn_loader, device, criterion, optimizer, cuda_graph=True):
     """One epoch of training; returns (mean loss per sample, accuracy in [0, 1]) over every sample seen.
 
     A step only keeps its logits (detached) and labels; loss and accuracy are computed from them
-    once, after the epoch, so the loop does no bookkeeping and never waits for the device.
+    once, after the epoch, so the loop does no bookkeeping and never waits for the device. On CUDA
+    the step is captured as a CUDA graph at the epoch's first batch and replayed for every batch
+    of that size (``cuda_graph=False`` launches every kernel from Python instead).
     """
     model.train()
+    step = functools.partial(sgd_step, model, criterion, optimizer)
+    graph = None
     outputs, targets = [], []
     for images, labels in trn_loader:
         if len(labels) == 1:  # BatchNorm cannot normalize a single sample in training mode
             continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        logits = model(images)
-        loss = criterion(logits, labels)  # mean over the batch
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        outputs.append(logits.detach())
+        if graph is None and cuda_graph and device.type == "cuda":
+            graph = GraphedStep(step, model, optimizer, images, labels)
+        outputs.append(graph(images, labels) if graph is not None and graph.fits(images) else step(images, labels))
         targets.append(labels)
     return summarize(criterion, outputs, targets)
+
+
+def sgd_step(model, criterion, optimizer, images, labels):
+    """One SGD step on a batch; returns the batch's logits, detached."""
+    logits = model(images)
+    loss = criterion(logits, labels)  # mean over the batch
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return logits.detach()
+
+
+class GraphedStep:
+    """``step(images, labels)`` captured once as a CUDA graph, then replayed for each batch of the same shape.
+
+    At batch 32 a step's kernels run for microseconds each, less than it takes Python to launch
+    them one by one; a replay launches the whole step (forward, backward, SGD update) at once.
+    Capturing needs a few warm-up steps first (they settle the optimizer's state and pick the
+    kernels); their effect on the model, the optimizer and the CUDA RNG is undone, so training
+    goes on exactly as if they had never run.
+    """
+
+    WARMUP_STEPS = 3
+
+    def __init__(self, step, model, optimizer, images, labels):
+        device = images.device
+        self.images, self.labels = images.clone(), labels.clone()  # the graph reads its input from these
+        for group in optimizer.param_groups:
+            for p in group["params"] if group["momentum"] else ():
+                # Zero buffers give the same first update as none (buf = momentum * 0 + grad), but exist
+                # before the warm-up, so the graph captures the update with momentum.
+                optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        state = [*model.state_dict().values(), *(s["momentum_buffer"] for s in optimizer.state.values())]
+        saved, saved_rng = [t.clone() for t in state], torch.cuda.get_rng_state(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP_STEPS):
+                step(self.images, self.labels)
+        torch.cuda.current_stream(device).wait_stream(side)
+        with torch.no_grad():
+            for t, value in zip(state, saved, strict=True):
+                t.copy_(value)
+        torch.cuda.set_rng_state(saved_rng, device)
+        optimizer.zero_grad()  # the graph's backward then allocates the gradients in the graph's memory
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step(self.images, self.labels)
+
+    def fits(self, images):
+        return images.shape == self.images.shape
+
+    def __call__(self, images, labels):
+        self.images.copy_(images)
+        self.labels.copy_(labels)
+        self.graph.replay()
+        return self.logits.clone()  # the next replay overwrites self.logits
 
 
 @torch.inference_mode()
