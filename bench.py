@@ -2,16 +2,18 @@
 
     python bench.py                    # about 1.5 minutes on a 2-core CPU
     python bench.py --steps 1875       # whole epochs (60,000 images at batch 32)
+    python bench.py --device cuda      # on a GPU: the same, plus main.train without CUDA graphs
 
 Seconds to load train.tar the first time (every PNG decoded) and from the cache, then
-(a) samples per second delivered to a training loop by
+(a) samples per second delivered to a training loop (on --device) by
     naive     a Dataset that opens the tar and decodes one PNG per __getitem__,
     textbook  per item: uint8 array -> PIL image -> ToTensor -> Normalize, collated by a DataLoader,
     project   dataset.MNIST sliced a batch at a time by batch_loader.
 (b) Seconds per training epoch at batch 32, per model, for
     textbook  the textbook loader and an eager loop that calls loss.item() every step,
     plain     an eager loop over in-memory normalized tensors (NCHW, default SGD, .item() every step),
-    main      main.train() over batch_loader(), as python main.py runs it.
+    main      main.train() over batch_loader(), as python main.py runs it;
+    on CUDA also  main.train() with every kernel launched from Python (no CUDA graph).
 Every time is the median of --repeats interleaved runs; epochs are extrapolated from --steps steps.
 Prints a table, then one JSON line with every number.
 """
@@ -97,18 +99,28 @@ class TextbookMNIST(Dataset):
         return TEXTBOOK_TRANSFORM(Image.fromarray(self.images[i], mode="L")), self.labels[i]
 
 
-def seconds(fn):
+def synchronize(device):
+    """Wait for the device's queued work: GPU kernels run after the Python that launched them returns."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def seconds(fn, device):
     start = time.perf_counter()
     fn()
+    synchronize(device)
     return time.perf_counter() - start
 
 
-def median_time(fn, repeats):
-    return statistics.median(seconds(fn) for _ in range(repeats))
+def median_time(fn, repeats, device):
+    return statistics.median(seconds(fn, device) for _ in range(repeats))
 
 
-def drain(loader, steps):
-    for i, _ in enumerate(loader):
+def drain(loader, steps, device):
+    for i, (images, labels) in enumerate(loader):
+        images, labels = images.to(device), labels.to(device)
         if i + 1 == steps:
             break
 
@@ -116,11 +128,13 @@ def drain(loader, steps):
 # --------------------------------------------------------------------------- training loops
 
 
-def textbook_epoch(model, loader, steps):
+def textbook_epoch(model, loader, steps, device):
+    model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
     total = 0.0
     for i, (images, labels) in enumerate(loader):
+        images, labels = images.to(device), labels.to(device)
         loss = F.cross_entropy(model(images), labels)
         optimizer.zero_grad()
         loss.backward()
@@ -132,9 +146,10 @@ def textbook_epoch(model, loader, steps):
 
 
 def plain_epoch(model, images, labels, steps):
+    model.to(labels.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     model.train()
-    order = torch.randperm(len(labels))
+    order = torch.randperm(len(labels), device=labels.device)
     total = 0.0
     for i in range(steps):
         index = order[i * BATCH : (i + 1) * BATCH]
@@ -146,10 +161,10 @@ def plain_epoch(model, images, labels, steps):
     return total
 
 
-def main_epoch(name, cfg, train_set, steps):
-    model, optimizer, _ = main.build(name, cfg, torch.device("cpu"))  # as python main.py builds them
+def main_epoch(name, cfg, train_set, steps, cuda_graph=True):
+    model, optimizer, _ = main.build(name, cfg, train_set.device)  # as python main.py builds them
     batches = itertools.islice(batch_loader(train_set, BATCH, torch.Generator().manual_seed(0)), steps)
-    main.train(model, batches, torch.device("cpu"), torch.nn.CrossEntropyLoss(), optimizer)
+    main.train(model, batches, train_set.device, torch.nn.CrossEntropyLoss(), optimizer, cuda_graph)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -162,14 +177,21 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="folder of train.tar")
     p.add_argument("--idx-dir", type=Path, help="IDX files to build missing tars from")
     p.add_argument("--models", default=",".join(MODELS), help="comma list of models to time")
-    return p.parse_args(argv)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train")
+    args = p.parse_args(argv)
+    try:
+        args.device = main.pick_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    return args
 
 
 def load_times(train_tar):
     """Seconds to read the training tar the first time (decode every PNG, write the cache), then from the cache."""
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(shutil.copy(train_tar, tmp))
-        return {"first": median_time(lambda: MNIST(copy), 1), "cached": median_time(lambda: MNIST(copy), 3)}
+        cpu = torch.device("cpu")
+        return {"first": median_time(lambda: MNIST(copy), 1, cpu), "cached": median_time(lambda: MNIST(copy), 3, cpu)}
 
 
 def run(args):
@@ -179,35 +201,38 @@ def run(args):
     project = MNIST(train_tar)
     textbook = TextbookMNIST(project.images, project.labels)
     naive = NaiveTarMNIST(train_tar)  # indexing the tar's members is set-up, not per-sample work
-    steps = args.steps
+    project.to(args.device)  # as main.py keeps it; the baselines copy each batch to the device
+    steps, device = args.steps, args.device
 
     def textbook_loader():
         return DataLoader(textbook, batch_size=BATCH, shuffle=True)
 
     naive_steps = max(steps // 10, 10)  # the naive path is slow; fewer batches give the same rate
     data_paths = {
-        "naive": (lambda: drain(DataLoader(naive, batch_size=BATCH, shuffle=True), naive_steps)),
-        "textbook": (lambda: drain(textbook_loader(), steps)),
-        "project": (lambda: drain(batch_loader(project, BATCH, torch.Generator().manual_seed(0)), steps)),
+        "naive": (lambda: drain(DataLoader(naive, batch_size=BATCH, shuffle=True), naive_steps, device)),
+        "textbook": (lambda: drain(textbook_loader(), steps, device)),
+        "project": (lambda: drain(batch_loader(project, BATCH, torch.Generator().manual_seed(0)), steps, device)),
     }
     samples = {}
     for path, fn in data_paths.items():
-        samples[path] = (naive_steps if path == "naive" else steps) * BATCH / median_time(fn, args.repeats)
+        samples[path] = (naive_steps if path == "naive" else steps) * BATCH / median_time(fn, args.repeats, device)
 
-    main_defaults = vars(main.parse_args(["--device", "cpu"]))
+    main_defaults = vars(main.parse_args([]))
     epochs = {}
     for name in args.models.split(","):
         loops = {
-            "textbook": lambda name=name: textbook_epoch(BASELINE_MODELS[name](), textbook_loader(), steps),
+            "textbook": lambda name=name: textbook_epoch(BASELINE_MODELS[name](), textbook_loader(), steps, device),
             "plain": lambda name=name: plain_epoch(BASELINE_MODELS[name](), project.normalized, project.labels, steps),
             "main": lambda name=name: main_epoch(name, main_defaults, project, steps),
         }
+        if device.type == "cuda":
+            loops["main_no_graph"] = lambda name=name: main_epoch(name, main_defaults, project, steps, cuda_graph=False)
         for loop in loops.values():  # warm-up: first calls allocate and pick kernels
             loop()
         times = {loop: [] for loop in loops}
-        for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits all three
+        for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every loop
             for loop, fn in loops.items():
-                times[loop].append(seconds(fn))
+                times[loop].append(seconds(fn, device))
         epochs[name] = {loop: statistics.median(t) * EPOCH_STEPS / steps for loop, t in times.items()}
     return loads, samples, epochs
 
@@ -215,24 +240,31 @@ def run(args):
 def main_cli(argv=None):
     args = parse_args(argv)
     loads, samples, epochs = run(args)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {main.cpu_name()}")
-    print(f"steps {args.steps} x batch {BATCH}, median of {args.repeats}\n")
+    device = args.device
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {main.cpu_name()}" + (f", {gpu}" if gpu else "")
+    )
+    print(f"device {device}, steps {args.steps} x batch {BATCH}, median of {args.repeats}\n")
     print(f"loading train.tar: first {loads['first']:.2f} s (decode + cache), cached {loads['cached']:.2f} s\n")
     print(f"{'data path':<10} {'samples/s':>12} {'vs textbook':>12}")
     for name, rate in samples.items():
         print(f"{name:<10} {rate:>12,.0f} {rate / samples['textbook']:>11.1f}x")
-    print(f"\n{'model':<11} {'textbook s':>10} {'plain s':>8} {'main s':>7} {'main/textbook':>14} {'main/plain':>11}")
-    ratios = {}
+    loops = list(next(iter(epochs.values())))  # textbook, plain, main[, main_no_graph]
+    ratios = {
+        name: {f"main/{loop}": t["main"] / t[loop] for loop in loops if loop != "main"} for name, t in epochs.items()
+    }
+    columns = [f"{loop} s" for loop in loops] + list(next(iter(ratios.values())))
+    print("\n" + f"{'model':<11}" + "".join(f" {c:>{max(len(c), 8)}}" for c in columns))
     for name, t in epochs.items():
-        ratios[name] = {"main/textbook": t["main"] / t["textbook"], "main/plain": t["main"] / t["plain"]}
-        print(
-            f"{name:<11} {t['textbook']:>10.2f} {t['plain']:>8.2f} {t['main']:>7.2f}"
-            f" {ratios[name]['main/textbook']:>14.2f} {ratios[name]['main/plain']:>11.2f}"
-        )
+        values = [t[loop] for loop in loops] + list(ratios[name].values())
+        print(f"{name:<11}" + "".join(f" {v:>{max(len(c), 8)}.2f}" for c, v in zip(columns, values)))
     result = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": main.cpu_name(),
+        "device": str(device),
+        "gpu": gpu,
         "steps": args.steps,
         "repeats": args.repeats,
         "load_s": loads,

@@ -47,7 +47,9 @@ def test_speedups_do_not_change_results(mnist_dir, one_thread):
 
 
 def test_bench_runs_and_reports_every_number(mnist_dir, capsys):
-    result = bench.main_cli(["--steps", "3", "--repeats", "1", "--data-dir", str(mnist_dir), "--models", "mlp"])
+    result = bench.main_cli(
+        ["--steps", "3", "--repeats", "1", "--data-dir", str(mnist_dir), "--models", "mlp", "--device", "cpu"]
+    )
     assert set(result["samples_per_s"]) == {"naive", "textbook", "project"}
     assert result["load_s"]["first"] > result["load_s"]["cached"] > 0
     assert set(result["epoch_s"]["mlp"]) == {"textbook", "plain", "main"}
