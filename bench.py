@@ -255,10 +255,11 @@ def main_cli(argv=None):
         name: {f"main/{loop}": t["main"] / t[loop] for loop in loops if loop != "main"} for name, t in epochs.items()
     }
     columns = [f"{loop} s" for loop in loops] + list(next(iter(ratios.values())))
-    print("\n" + f"{'model':<11}" + "".join(f" {c:>{max(len(c), 8)}}" for c in columns))
+    widths = [max(len(c), 8) for c in columns]
+    print("\n" + f"{'model':<11}" + "".join(f" {c:>{w}}" for c, w in zip(columns, widths)))
     for name, t in epochs.items():
         values = [t[loop] for loop in loops] + list(ratios[name].values())
-        print(f"{name:<11}" + "".join(f" {v:>{max(len(c), 8)}.2f}" for c, v in zip(columns, values)))
+        print(f"{name:<11}" + "".join(f" {v:>{w}.2f}" for v, w in zip(values, widths)))
     result = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
