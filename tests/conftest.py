@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dataset
+import main
 
 # The four official IDX files; CI points MNIST_IDX_DIR at its copy of shared/mnist.
 SHARED_MNIST = Path(os.environ.get("MNIST_IDX_DIR", ROOT.parent / "shared" / "mnist"))
@@ -76,3 +77,9 @@ def mnist_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
     dataset.prepare(out, SHARED_MNIST)
     return out
+
+
+def run_main(data_dir, out_dir, *extra, name="run"):
+    """``python main.py`` on these folders, quietly, in run ``name``; returns the exit code."""
+    argv = ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--run-name", name, "--quiet", *extra]
+    return main.main(argv)

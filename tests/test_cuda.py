@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import run_main
 
 import bench
 import main
@@ -51,9 +52,9 @@ def deterministic_cudnn():
     # cuDNN may pick convolution algorithms that sum in a varying order (atomics), and early SGD on
     # a small subset amplifies that rounding into visibly different runs, graph or no graph. With
     # deterministic algorithms, any difference left would be the graph's doing.
-    torch.backends.cudnn.deterministic = True
+    previous, torch.backends.cudnn.deterministic = torch.backends.cudnn.deterministic, True
     yield
-    torch.backends.cudnn.deterministic = False
+    torch.backends.cudnn.deterministic = previous
 
 
 @pytest.mark.parametrize("name", ["lenet5", "mlp", "lenet5_reg"])
@@ -76,18 +77,8 @@ def test_cuda_graph_trains_exactly_like_launching_each_kernel(splits, name, monk
 
 
 def test_main_trains_every_model_on_cuda(mnist_dir, tmp_path):
-    argv = [
-        "--data-dir",
-        str(mnist_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--run-name",
-        "gpu",
-        "--quiet",
-        "--device",
-        "cuda",
-    ]
-    assert main.main([*argv, "--train-limit", "6000", "--test-limit", "1000", "--epochs", "2"]) == 0
+    extra = ["--device", "cuda", "--train-limit", "6000", "--test-limit", "1000", "--epochs", "2"]
+    assert run_main(mnist_dir, tmp_path, *extra, name="gpu") == 0
     assert json.loads((tmp_path / "gpu/config.json").read_text())["device"] == "cuda"
     for name in ("lenet5", "mlp", "lenet5_reg"):
         stats = json.loads((tmp_path / "gpu" / name / "stats.json").read_text())

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, tiny_idx_dir
+from conftest import ROOT, run_main, tiny_idx_dir
 
 import dataset
 import main
@@ -14,11 +14,6 @@ from dataset import MNIST, batch_loader
 from model import CustomMLP, LeNet5, num_params
 
 STAT_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"}
-
-
-def run(mnist_dir, out_dir, *extra, name="run"):
-    argv = ["--data-dir", str(mnist_dir), "--out-dir", str(out_dir), "--run-name", name, "--quiet", *extra]
-    return main.main(argv)
 
 
 def epochs_without_time(stats_path):
@@ -30,7 +25,7 @@ SMALL = ("--train-limit", "2000", "--test-limit", "500", "--epochs", "2", "--dev
 
 
 def test_small_run_writes_config_stats_and_checkpoints(mnist_dir, tmp_path, capsys):
-    assert run(mnist_dir, tmp_path, *SMALL) == 0
+    assert run_main(mnist_dir, tmp_path, *SMALL) == 0
     run_dir = tmp_path / "run"
     config = json.loads((run_dir / "config.json").read_text())
     assert config["epochs"] == 2 and config["batch_size"] == 32 and config["lr"] == 0.01
@@ -54,7 +49,7 @@ def test_small_run_writes_config_stats_and_checkpoints(mnist_dir, tmp_path, caps
 
 def test_two_runs_with_the_same_seed_give_identical_stats(mnist_dir, tmp_path):
     for name in ("a", "b"):
-        assert run(mnist_dir, tmp_path, *SMALL, "--model", "lenet5_reg", name=name) == 0
+        assert run_main(mnist_dir, tmp_path, *SMALL, "--model", "lenet5_reg", name=name) == 0
     assert epochs_without_time(tmp_path / "a/lenet5_reg/stats.json") == epochs_without_time(
         tmp_path / "b/lenet5_reg/stats.json"
     )
@@ -62,7 +57,7 @@ def test_two_runs_with_the_same_seed_give_identical_stats(mnist_dir, tmp_path):
 
 def test_an_interrupted_run_resumes_to_the_same_numbers(mnist_dir, tmp_path, monkeypatch, capsys):
     limits = ("--train-limit", "1000", "--test-limit", "300", "--epochs", "3", "--device", "cpu")
-    assert run(mnist_dir, tmp_path, *limits, "--model", "lenet5_reg,mlp", name="whole") == 0
+    assert run_main(mnist_dir, tmp_path, *limits, "--model", "lenet5_reg,mlp", name="whole") == 0
 
     calls = 0
     real_train = main.train
@@ -75,7 +70,7 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(mnist_dir, tmp_path, mon
         return real_train(*args)
 
     monkeypatch.setattr(main, "train", train_then_ctrl_c)
-    assert run(mnist_dir, tmp_path, *limits, "--model", "lenet5_reg,mlp", name="cut") == 130
+    assert run_main(mnist_dir, tmp_path, *limits, "--model", "lenet5_reg,mlp", name="cut") == 130
     assert "--resume" in capsys.readouterr().out
     cut = tmp_path / "cut"
     assert len(json.loads((cut / "lenet5_reg/stats.json").read_text())["epochs"]) == 2
@@ -108,12 +103,12 @@ def test_sigterm_keeps_completed_epochs(mnist_dir, tmp_path):
 
 
 def test_a_final_batch_of_one_sample_trains_every_model(mnist_dir, tmp_path):
-    assert run(mnist_dir, tmp_path, "--train-limit", "33", "--test-limit", "10", "--epochs", "1") == 0
+    assert run_main(mnist_dir, tmp_path, "--train-limit", "33", "--test-limit", "10", "--epochs", "1") == 0
 
 
 def test_several_seeds_go_to_seed_folders(mnist_dir, tmp_path):
-    assert run(mnist_dir, tmp_path, "--model", "mlp", "--seeds", "3,4", "--train-limit", "200", "--test-limit", "50",
-               "--epochs", "1") == 0  # fmt: skip
+    limits = ("--train-limit", "200", "--test-limit", "50", "--epochs", "1")
+    assert run_main(mnist_dir, tmp_path, "--model", "mlp", "--seeds", "3,4", *limits) == 0
     for seed in (3, 4):
         assert json.loads((tmp_path / f"run/mlp/seed{seed}/stats.json").read_text())["seed"] == seed
 
@@ -121,7 +116,7 @@ def test_several_seeds_go_to_seed_folders(mnist_dir, tmp_path):
 def test_missing_tars_are_prepared_from_idx_dir(tmp_path):
     idx, _ = tiny_idx_dir(tmp_path / "idx", n_train=100, n_test=40)
     data = tmp_path / "data"
-    assert run(data, tmp_path / "runs", "--idx-dir", str(idx), "--model", "mlp", "--epochs", "1") == 0
+    assert run_main(data, tmp_path / "runs", "--idx-dir", str(idx), "--model", "mlp", "--epochs", "1") == 0
     assert len(MNIST(data / "train.tar")) == 100 and len(MNIST(data / "test.tar")) == 40
 
 
@@ -178,7 +173,7 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, monkeypatch):
 
 def test_missing_data_without_network_exits_1(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(dataset, "MIRRORS", ["http://127.0.0.1:9/"])  # refused at once, on this machine
-    assert run(tmp_path / "data", tmp_path / "runs", "--epochs", "1") == 1
+    assert run_main(tmp_path / "data", tmp_path / "runs", "--epochs", "1") == 1
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("error: Could not download") and "--idx-dir" in err
     assert "http://127.0.0.1:9/train-images-idx3-ubyte.gz" in err  # the patched mirror, not the public ones
@@ -189,7 +184,7 @@ def test_missing_data_without_network_exits_1(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("name, floor", [("lenet5", 0.975), ("lenet5_reg", 0.975), ("mlp", 0.95)])
 def test_one_epoch_on_the_full_training_set_reaches_real_accuracy(mnist_dir, tmp_path, name, floor):
-    assert run(mnist_dir, tmp_path, "--model", name, "--epochs", "1", "--device", "cpu") == 0
+    assert run_main(mnist_dir, tmp_path, "--model", name, "--epochs", "1", "--device", "cpu") == 0
     stats = json.loads((tmp_path / "run" / name / "stats.json").read_text())
     assert stats["epochs"][0]["test_acc"] >= floor
 
@@ -203,13 +198,13 @@ def test_only_the_regularized_models_training_split_is_augmented(mnist_dir, tmp_
         return real_batch_loader(dataset, batch_size, generator)
 
     monkeypatch.setattr(main, "batch_loader", recording_batch_loader)
-    assert run(mnist_dir, tmp_path, "--train-limit", "64", "--test-limit", "32", "--epochs", "1") == 0
+    assert run_main(mnist_dir, tmp_path, "--train-limit", "64", "--test-limit", "32", "--epochs", "1") == 0
     assert loaders == [("train.tar", False), ("test.tar", False)] * 2 + [("train.tar", True), ("test.tar", False)]
 
 
 def test_an_unwritable_output_folder_is_one_line_not_a_traceback(mnist_dir, tmp_path, capsys):
     blocker = tmp_path / "runs"
     blocker.write_text("a file where the runs folder should be")
-    assert run(mnist_dir, blocker, "--epochs", "1", "--train-limit", "64") == 1
+    assert run_main(mnist_dir, blocker, "--epochs", "1", "--train-limit", "64") == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {blocker}") and "Traceback" not in err
