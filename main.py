@@ -40,13 +40,13 @@ def train(model, trn_loader, device, criterion, optimizer, cuda_graph=True):
     """
     model.train()
     step = functools.partial(sgd_step, model, criterion, optimizer)
-    graph = None
+    use_graph, graph = cuda_graph and device.type == "cuda", None
     outputs, targets = [], []
     for images, labels in trn_loader:
         if len(labels) == 1:  # BatchNorm cannot normalize a single sample in training mode
             continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if graph is None and cuda_graph and device.type == "cuda":
+        if use_graph and graph is None:
             graph = GraphedStep(step, model, optimizer, images, labels)
         outputs.append(graph(images, labels) if graph is not None and graph.fits(images) else step(images, labels))
         targets.append(labels)
