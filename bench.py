@@ -40,6 +40,7 @@ from dataset import MEAN, MNIST, STD, batch_loader, ensure_tars
 from model import MODELS, CustomMLP, LeNet5, LeNet5Regularized
 
 BATCH = 32
+CPU = torch.device("cpu")
 EPOCH_STEPS = 60_000 // BATCH
 TEXTBOOK_TRANSFORM = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MEAN,), (STD,))])
 
@@ -107,14 +108,14 @@ def synchronize(device):
         torch.mps.synchronize()
 
 
-def seconds(fn, device):
+def seconds(fn, device=CPU):
     start = time.perf_counter()
     fn()
     synchronize(device)
     return time.perf_counter() - start
 
 
-def median_time(fn, repeats, device):
+def median_time(fn, repeats, device=CPU):
     return statistics.median(seconds(fn, device) for _ in range(repeats))
 
 
@@ -190,8 +191,7 @@ def load_times(train_tar):
     """Seconds to read the training tar the first time (decode every PNG, write the cache), then from the cache."""
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(shutil.copy(train_tar, tmp))
-        cpu = torch.device("cpu")
-        return {"first": median_time(lambda: MNIST(copy), 1, cpu), "cached": median_time(lambda: MNIST(copy), 3, cpu)}
+        return {"first": median_time(lambda: MNIST(copy), 1), "cached": median_time(lambda: MNIST(copy), 3)}
 
 
 def run(args):
