@@ -43,7 +43,9 @@ def splits(mnist_dir):
 
 def test_batches_are_sliced_on_the_device(splits):
     train_set, _ = splits
-    images, labels = next(iter(batch_loader(train_set, 32, torch.Generator().manual_seed(0))))
+    loader = batch_loader(train_set, 32, torch.Generator().manual_seed(0))
+    assert next(iter(loader.sampler)).device.type == "cuda"  # the order is on the GPU: no copy per batch
+    images, labels = next(iter(loader))
     assert images.device.type == labels.device.type == "cuda" and images.shape == (32, 1, 28, 28)
 
 

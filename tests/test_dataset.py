@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHARED_MNIST, digit, make_tar, png_bytes, tiny_idx_dir, write_idx
+from torch.utils.data import BatchSampler, RandomSampler
 
 import dataset
-from dataset import MEAN, MNIST, STD, DatasetError
+from dataset import MEAN, MNIST, STD, BatchSlices, DatasetError
 
 
 def normalized(value):
@@ -67,6 +68,14 @@ def test_a_list_of_indices_gives_the_same_items_as_a_batch(good_tar):
     images, labels = data[[2, 0]]
     assert images.shape == (2, 1, 28, 28)
     assert torch.equal(images[0], data[2][0]) and labels.tolist() == [7, 5]
+
+
+def test_batch_order_is_the_random_samplers_drawn_on_the_cpu_and_moved_to_the_device():
+    slices = list(BatchSlices(10, 4, torch.Generator().manual_seed(0)))
+    sampler = BatchSampler(RandomSampler(range(10), generator=torch.Generator().manual_seed(0)), 4, drop_last=False)
+    assert [batch.tolist() for batch in slices] == list(sampler)
+    moved = list(BatchSlices(10, 4, torch.Generator().manual_seed(0), torch.device("meta")))
+    assert [batch.device.type for batch in moved] == ["meta"] * 3  # any device but the CPU shows the move
 
 
 def test_a_directory_of_pngs_reads_like_the_tar(good_tar, tmp_path):
