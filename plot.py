@@ -11,6 +11,7 @@ and all runs given, on the same four panels), and for each model with best.pt
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -183,7 +184,8 @@ def plot_misclassified(name, test_set, predictions, out):
     if len(wrong) == 0:
         return None
     images = test_set.images[wrong].unsqueeze(1)  # raw uint8, (K, 1, 28, 28)
-    cols, rows = 8, -(-len(wrong) // 8)
+    cols = 8
+    rows = math.ceil(len(wrong) / cols)
     grid = make_grid(images, nrow=cols, padding=2, pad_value=0)[0]  # one channel of the RGB grid
     fig, ax = plt.subplots(figsize=(8, rows + 1), constrained_layout=True)
     ax.imshow(grid.numpy(), cmap="gray_r")  # dark digits on white
