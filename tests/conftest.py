@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import json
 import os
 import sys
 import tarfile
@@ -83,3 +84,9 @@ def run_main(data_dir, out_dir, *extra, name="run"):
     """``python main.py`` on these folders, quietly, in run ``name``; returns the exit code."""
     argv = ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--run-name", name, "--quiet", *extra]
     return main.main(argv)
+
+
+def epochs_without_time(stats_path):
+    """The per-epoch rows of a stats.json, without their wall-clock seconds."""
+    rows = json.loads(stats_path.read_text())["epochs"]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]

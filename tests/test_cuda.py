@@ -3,11 +3,12 @@
 These need a CUDA GPU, which CI does not have; the README says when they last ran on one.
 """
 
+import functools
 import json
 
 import pytest
 import torch
-from conftest import run_main
+from conftest import epochs_without_time, run_main
 
 import bench
 import main
@@ -17,32 +18,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 CUDA = torch.device("cuda")
 
 
-def train_two_epochs(name, train_set, test_set, cuda_graph):
-    """Two epochs as main.run_job trains them (seeded, cosine schedule); returns (model, stats of each epoch)."""
-    cfg = vars(main.parse_args(["--epochs", "2"]))
-    torch.manual_seed(0)
-    model, optimizer, scheduler = main.build(name, cfg, CUDA)
-    criterion = torch.nn.CrossEntropyLoss()
-    generator = torch.Generator()
-    rows = []
-    for epoch in (1, 2):
-        torch.manual_seed(epoch)
-        generator.manual_seed(epoch)
-        loader = batch_loader(train_set.with_augment(main.uses_augmentation(name, cfg)), 32, generator)
-        train = main.train(model, loader, CUDA, criterion, optimizer, cuda_graph=cuda_graph)
-        rows.append((*train, *main.test(model, batch_loader(test_set, 1000), CUDA, criterion)))
-        scheduler.step()
-    return model, rows
-
-
-@pytest.fixture(scope="module")
-def splits(mnist_dir):
-    # 4,010 images: 125 batches of 32 replay the graph, the last 10 images take the step without it.
-    return MNIST(mnist_dir / "train.tar", limit=4010).to(CUDA), MNIST(mnist_dir / "test.tar", limit=2000).to(CUDA)
-
-
-def test_batches_are_sliced_on_the_device(splits):
-    train_set, _ = splits
+def test_batches_are_sliced_on_the_device(mnist_dir):
+    train_set = MNIST(mnist_dir / "train.tar", limit=4010).to(CUDA)
     loader = batch_loader(train_set, 32, torch.Generator().manual_seed(0))
     assert next(iter(loader.sampler)).device.type == "cuda"  # the order is on the GPU: no copy per batch
     images, labels = next(iter(loader))
@@ -60,7 +37,11 @@ def deterministic_cudnn():
 
 
 @pytest.mark.parametrize("name", ["lenet5", "mlp", "lenet5_reg"])
-def test_cuda_graph_trains_exactly_like_launching_each_kernel(splits, name, monkeypatch, deterministic_cudnn):
+def test_cuda_graph_trains_exactly_like_launching_each_kernel(
+    mnist_dir, tmp_path, name, monkeypatch, deterministic_cudnn
+):
+    # 4,010 images: 125 batches of 32 replay the graph, the last 10 images take the step without it.
+    argv = ["--device", "cuda", "--model", name, "--train-limit", "4010", "--test-limit", "2000", "--epochs", "2"]
     captures, capture = [], main.GraphedStep
 
     def counted_capture(*args):
@@ -68,14 +49,17 @@ def test_cuda_graph_trains_exactly_like_launching_each_kernel(splits, name, monk
         return capture(*args)
 
     monkeypatch.setattr(main, "GraphedStep", counted_capture)
-    graphed_model, graphed = train_two_epochs(name, *splits, cuda_graph=True)
+    assert run_main(mnist_dir, tmp_path, *argv, name="graphed") == 0
     assert len(captures) == 2  # one capture per epoch, so each epoch's learning rate is the one replayed
-    eager_model, eager = train_two_epochs(name, *splits, cuda_graph=False)
+    monkeypatch.setattr(main, "train", functools.partial(main.train, cuda_graph=False))
+    assert run_main(mnist_dir, tmp_path, *argv, name="eager") == 0
+    graphed, eager = (epochs_without_time(tmp_path / run / name / "stats.json") for run in ("graphed", "eager"))
     assert graphed == eager  # losses and accuracies of both epochs, bit for bit
-    assert all(
-        torch.equal(a, b) for a, b in zip(graphed_model.state_dict().values(), eager_model.state_dict().values())
+    graphed_model, eager_model = (
+        torch.load(tmp_path / run / name / "last.pt", weights_only=True)["model"] for run in ("graphed", "eager")
     )
-    assert graphed[-1][3] > 0.8  # test accuracy: it learned
+    assert all(torch.equal(a, b) for a, b in zip(graphed_model.values(), eager_model.values(), strict=True))
+    assert graphed[-1]["test_acc"] > 0.8  # it learned
 
 
 def test_main_trains_every_model_on_cuda(mnist_dir, tmp_path):

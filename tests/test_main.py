@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, run_main, tiny_idx_dir
+from conftest import ROOT, epochs_without_time, run_main, tiny_idx_dir
 
 import dataset
 import main
@@ -14,11 +14,6 @@ from dataset import MNIST, batch_loader
 from model import CustomMLP, LeNet5, num_params
 
 STAT_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"}
-
-
-def epochs_without_time(stats_path):
-    rows = json.loads(stats_path.read_text())["epochs"]
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
 SMALL = ("--train-limit", "2000", "--test-limit", "500", "--epochs", "2", "--device", "cpu")
