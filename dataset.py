@@ -3,9 +3,9 @@
     python dataset.py prepare --idx-dir DIR --out data   # tars from the four IDX files
     python dataset.py prepare --out data                 # tars from a download
 
-``MNIST(path)`` reads a split (a ``.tar`` or a directory of PNGs), decodes every
-PNG once into a single uint8 tensor, and caches that tensor beside the tar in
-``.cache/``, keyed by the tar's content. Items are ``(image, label)``: a float
+``MNIST(data_dir)`` reads a split (a ``.tar``, or the folder of PNGs it extracts
+to), decodes every PNG once into a single uint8 tensor, and caches a tar's tensor
+beside it in ``.cache/``, keyed by the tar's content. Items are ``(image, label)``: a float
 tensor of shape (1, 28, 28), scaled to [0, 1] then normalized with the MNIST
 mean and std, and an int label read from the file name.
 
@@ -24,11 +24,14 @@ import io
 import math
 import os
 import re
+import secrets
+import shutil
 import sys
 import tarfile
 import tempfile
+import time
 import zlib
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
@@ -105,17 +108,23 @@ def _parse_name(name, where):
 def _iter_tar(path):
     """Yield (member name, bytes) of the tar's regular files, read in memory only.
 
-    Nothing is extracted, so absolute paths, '..', links and devices cannot
-    write anywhere; links and devices are skipped.
+    Nothing is extracted, so absolute paths, '..', links and devices cannot write
+    anywhere. Links and devices are skipped; both kinds of member are counted in
+    one warning, since they change what the tar seems to hold.
     """
     try:
         tar = tarfile.open(path, "r:*")
     except (tarfile.TarError, OSError):
         raise DatasetError(f"{path}: not a tar archive") from None
+    links = outside = 0
     with tar:
         try:
             for member in tar:
-                if member.isfile() and not _skipped(member.name):
+                if not member.isfile():
+                    links += not member.isdir()
+                elif not _skipped(member.name):
+                    name = PurePosixPath(member.name)
+                    outside += name.is_absolute() or ".." in name.parts
                     yield member.name, tar.extractfile(member).read()
             # tarfile takes a cut at a member boundary for the end: a whole archive ends in zero blocks.
             tar.fileobj.seek(tar.offset)
@@ -124,6 +133,12 @@ def _iter_tar(path):
             raise DatasetError(f"{path}: truncated or corrupt tar archive ({e})") from None
         if end != bytes(tarfile.BLOCKSIZE):
             raise DatasetError(f"{path}: truncated tar archive (no end-of-archive marker after {tar.offset} bytes)")
+    notes = [f"skipped {links} link or device member(s)"] if links else []
+    notes += (
+        [f"read {outside} member(s) with an absolute or '..' path in memory (nothing is extracted)"] if outside else []
+    )
+    if notes:
+        print(f"warning: {path}: {'; '.join(notes)}", file=sys.stderr)
 
 
 def _iter_dir(path):
@@ -153,27 +168,70 @@ def decode_split(path):
 
 
 def _file_digest(path):
+    digest = hashlib.sha1()  # hashlib.file_digest would do, from Python 3.11 on
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha1").hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
-def atomic_open(path, mode="wb"):
-    """Open a temporary file beside ``path``; on success it is renamed to ``path``, on error deleted.
+def atomic_open(path):
+    """Write ``path`` (binary) through a new temporary file beside it, renamed over ``path`` on success.
 
-    A reader never sees a half-written file, even if the writer is killed.
+    The file is flushed to disk before the rename, and the folder after it, so neither a
+    killed writer nor a power cut leaves a half-written ``path``: it is the old file or
+    the new one. On error the temporary file is deleted, and an OSError names ``path``,
+    never the temporary. Only calls that Windows, macOS and Linux all have.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(fd, 0o644)  # mkstemp makes the file private; these are plain data
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, mode) as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "xb") as f:
             yield f
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+            f.flush()
+            os.fsync(f.fileno())
+        _replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
+    _fsync_folder(path.parent)
+
+
+def write_text(path, text):
+    """Write ``text`` to ``path`` atomically, as UTF-8 whatever the system's locale."""
+    with atomic_open(path) as f:
+        f.write(text.encode("utf-8"))
+
+
+def _replace(tmp, path, waits=(0.05, 0.1, 0.2, 0.4, 0.8)):
+    """os.replace, retried for about 1.5 s: on Windows it is refused while another program
+    (a sync client, an antivirus, an editor) holds ``path`` open."""
+    for wait in (*waits, None):
+        try:
+            return os.replace(tmp, path)
+        except PermissionError as e:
+            if wait is None:
+                raise PermissionError(e.errno, f"{e.strerror} (is it open in another program?)", str(path)) from None
+            time.sleep(wait)
+
+
+def _fsync_folder(folder):
+    """Flush a folder's entries (a rename) to disk where the system allows it; Windows cannot open folders."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_split(path):
@@ -184,17 +242,19 @@ def load_split(path):
     if path.is_dir():
         return decode_split(path)
     cache = path.parent / ".cache" / f"{path.name}.{_file_digest(path)}.v{CACHE_VERSION}.pt"
-    if cache.exists():
+    with contextlib.suppress(Exception):  # a damaged cache is decoded afresh
         saved = torch.load(cache, weights_only=True)
         return saved["images"], saved["labels"]
     images, labels = decode_split(path)
-    for stale in cache.parent.glob(f"{glob.escape(path.name)}.*.pt"):  # caches of an earlier version of this tar
-        stale.unlink()
     try:
+        for stale in cache.parent.glob(f"{glob.escape(path.name)}.*.pt"):  # caches of an earlier version of this tar
+            stale.unlink()
         with atomic_open(cache) as f:
             torch.save({"images": images, "labels": labels}, f)
     except OSError as e:  # a read-only data folder: work without the cache
-        print(f"warning: {cache}: cannot write the cache ({e.strerror})", file=sys.stderr)
+        print(
+            f"warning: {cache.parent}: cannot write the cache there ({e.strerror}); working without it", file=sys.stderr
+        )
     return images, labels
 
 
@@ -228,17 +288,18 @@ def random_affine(batch, degrees=5.0, translate=0.05, scale=(0.95, 1.05)):
 
 
 class MNIST(Dataset):
-    """One MNIST split from a ``.tar`` of PNGs or a directory of them.
+    """One MNIST split, as the course template has it: ``MNIST(data_dir)``.
 
     Args:
-        path: ``data/train.tar``, ``data/test.tar`` or an extracted folder.
+        data_dir: directory path containing images (``{ID}_{Label}.png``, e.g. the
+            extracted ``data/train/``), or the ``.tar`` they came in (``data/train.tar``).
         augment: random affine distortion of every image served; only for the
             training split (main.py never sets it on the test split).
         limit: keep only the first ``limit`` items (by ID), for quick runs.
     """
 
-    def __init__(self, path, augment=False, limit=None):
-        self.path = Path(path)
+    def __init__(self, data_dir, augment=False, limit=None):
+        self.path = Path(data_dir)
         self.images, self.labels = load_split(self.path)  # (N, 28, 28) uint8, (N,) int64
         if limit is not None:
             self.images, self.labels = self.images[:limit], self.labels[:limit]
@@ -330,7 +391,7 @@ def read_idx(path):
 
 
 def write_split_tar(images, labels, out, split):
-    """Write ``out`` (``{split}/{ID:05d}_{Label}.png``) through a temporary name, then rename."""
+    """Write ``out`` (``{split}/{ID:05d}_{Label}.png``) atomically."""
     with atomic_open(out) as f, tarfile.open(fileobj=f, mode="w") as tar:
         for i, (image, label) in enumerate(zip(images, labels)):
             png = io.BytesIO()
@@ -355,71 +416,129 @@ def _check_trusted(path):
 
 
 def download_idx(raw_dir, mirrors=None):
-    """Download the four IDX files into ``raw_dir`` from ``mirrors`` (default MIRRORS), each MD5-checked."""
-    for name, md5 in IDX_FILES.items():
-        target, failures = raw_dir / name, []
-        for mirror in mirrors or MIRRORS:
-            try:
-                download_url(f"{mirror}{name}", raw_dir, name, md5)
-                break
-            except RuntimeError:  # downloaded, but the checksum is wrong
-                target.unlink(missing_ok=True)
-                print(f"{mirror}{name}: MD5 is not the official {md5}; deleted it", file=sys.stderr)
-                failures.append(f"{mirror}{name} (wrong MD5)")
-            except OSError as e:
-                target.unlink(missing_ok=True)
-                failures.append(f"{mirror}{name} ({getattr(e, 'reason', e)})")
-        else:
-            raise DatasetError(
-                f"Could not download {name}; tried: {'; '.join(failures)}. "
-                f"Either put train.tar and test.tar in {raw_dir.parent}, "
-                "or pass --idx-dir DIR naming a folder with the four MNIST IDX files, "
-                "or connect to the internet and run again."
-            )
+    """Download the four IDX files into ``raw_dir`` from ``mirrors`` (default MIRRORS), each MD5-checked.
+
+    A file that fails is deleted, and so is ``raw_dir`` if this call made it: a failed
+    download leaves nothing behind.
+    """
+    made = not raw_dir.exists()
+    try:
+        for name, md5 in IDX_FILES.items():
+            _download(raw_dir, name, md5, mirrors or MIRRORS)
+    except BaseException:
+        if made:
+            shutil.rmtree(raw_dir, ignore_errors=True)
+        raise
     return raw_dir
+
+
+def _download(raw_dir, name, md5, mirrors):
+    target, failures = raw_dir / name, []
+    for mirror in mirrors:
+        try:
+            download_url(f"{mirror}{name}", raw_dir, name, md5)
+            return target
+        except RuntimeError:  # downloaded, but the checksum is wrong
+            target.unlink(missing_ok=True)
+            print(f"{mirror}{name}: MD5 is not the official {md5}; deleted it", file=sys.stderr)
+            failures.append(f"{mirror}{name} (wrong MD5)")
+        except OSError as e:
+            target.unlink(missing_ok=True)
+            if e.filename is not None:  # this machine's disk, not the network
+                raise DatasetError(f"{raw_dir}: cannot write the download there ({e.strerror})") from None
+            failures.append(f"{mirror}{name} ({getattr(e, 'reason', e)})")
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+    network = "" if all(f.endswith("(wrong MD5)") for f in failures) else ", or connect to the internet and run again"
+    raise DatasetError(
+        f"Could not download {name}; tried: {'; '.join(failures)}. "
+        f"Either put train.tar and test.tar in {raw_dir.parent}, "
+        f"or pass --idx-dir DIR naming a folder with the four MNIST IDX files{network}."
+    )
+
+
+def _writable_folder(folder):
+    """Make ``folder`` (and its missing parents) if need be and check that files can be written in it.
+
+    Returns the folders it made, deepest first, so a failure can remove them again.
+    """
+    folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        _remove_empty(made)
+        raise DatasetError(f"{folder}: cannot write the tars there ({e.strerror})") from None
+    return made
+
+
+def _remove_empty(folders):
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if empty
 
 
 def prepare(out="data", idx_dir=None, splits=("train", "test"), mirrors=None):
     """Write ``out/{split}.tar`` for each split from the IDX files in ``idx_dir``, or downloaded ones.
 
     Files in ``idx_dir`` are trusted input: an MD5 that differs from the
-    official one is only a warning. Returns the paths written.
+    official one is only a warning. Returns the paths written. A failure leaves
+    nothing behind: no tar, no download, no folder that was not there before.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if idx_dir is None:
-        idx_dir = download_idx(out / "raw", mirrors)
-    else:
-        idx_dir = Path(idx_dir)
-        if not idx_dir.is_dir():
-            raise DatasetError(f"{idx_dir}: no such directory")
-    written = []
-    for split in splits:
-        paths = [_find_idx(idx_dir, stem) for stem in SPLITS[split]]
-        for path in paths:
-            _check_trusted(path)
-        images, labels = (read_idx(p) for p in paths)
-        if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or len(images) != len(labels):
-            raise DatasetError(f"{paths[0]}: {images.shape} images do not fit {len(labels)} labels of 28x28 digits")
-        write_split_tar(images, labels, out / f"{split}.tar", split)
-        written.append(out / f"{split}.tar")
+    if idx_dir is not None and not Path(idx_dir).is_dir():
+        raise DatasetError(f"{idx_dir}: no such directory")
+    made = _writable_folder(out)
+    try:
+        idx_dir = download_idx(out / "raw", mirrors) if idx_dir is None else Path(idx_dir)
+        written = []
+        for split in splits:
+            paths = [_find_idx(idx_dir, stem) for stem in SPLITS[split]]
+            for path in paths:
+                _check_trusted(path)
+            images, labels = (read_idx(p) for p in paths)
+            if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or len(images) != len(labels):
+                raise DatasetError(f"{paths[0]}: {images.shape} images do not fit {len(labels)} labels of 28x28 digits")
+            write_split_tar(images, labels, out / f"{split}.tar", split)
+            written.append(out / f"{split}.tar")
+    except BaseException:
+        _remove_empty(made)
+        raise
     return written
 
 
-def ensure_tars(data_dir="data", idx_dir=None):
-    """Paths of ``train.tar`` and ``test.tar`` in ``data_dir``, preparing the missing ones first."""
-    data_dir = Path(data_dir)
-    missing = [s for s in SPLITS if not (data_dir / f"{s}.tar").exists()]
+def split_path(data_dir, split, folders=True):
+    """Where a split is in ``data_dir``: ``{split}.tar`` if it is there, else (with ``folders``) the
+    folder ``{split}/`` of PNGs it extracts to; None when neither is."""
+    tar, folder = Path(data_dir) / f"{split}.tar", Path(data_dir) / split
+    return tar if tar.is_file() else folder if folders and folder.is_dir() else None
+
+
+def find_splits(data_dir="data", idx_dir=None, folders=True):
+    """(train, test) paths in ``data_dir`` (see ``split_path``); a split that is missing is prepared as a tar first."""
+    found = {split: split_path(data_dir, split, folders) for split in SPLITS}
+    missing = [split for split, path in found.items() if path is None]
     if missing:
         source = idx_dir or "a download"
         print(
             f"{data_dir}: {' and '.join(f'{s}.tar' for s in missing)} missing; preparing from {source}", file=sys.stderr
         )
-        prepare(data_dir, idx_dir, splits=missing)
-    return data_dir / "train.tar", data_dir / "test.tar"
+        found.update(zip(missing, prepare(data_dir, idx_dir, splits=missing)))
+    return found["train"], found["test"]
 
 
-def main(argv=None):
+def safe_console():
+    """Make stdout and stderr write what the console cannot encode (a Hangul path on a CP1252 console)
+    as escapes instead of raising. Each script calls it when run, never on import."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):  # a stream replaced by a notebook or a test
+            stream.reconfigure(errors="backslashreplace")
+
+
+def main(argv=()):
     parser = argparse.ArgumentParser(
         prog="dataset.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -431,7 +550,7 @@ def main(argv=None):
     )
     prep.add_argument("--idx-dir", type=Path, help="folder with the four IDX files (.gz or not); default: download")
     prep.add_argument("--out", type=Path, default=Path("data"), help="folder to write the tars to")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(list(argv))
     try:
         for path in prepare(args.out, args.idx_dir):
             print(path)
@@ -442,4 +561,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    safe_console()
+    sys.exit(main(sys.argv[1:]))
