@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 import main
-from dataset import MEAN, MNIST, STD, batch_loader, ensure_tars
+from dataset import MEAN, MNIST, STD, batch_loader, find_splits, safe_console
 from model import MODELS, CustomMLP, LeNet5, LeNet5Regularized
 
 BATCH = 32
@@ -180,7 +180,9 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", type=Path, default=Path("data"), help="folder of train.tar")
     p.add_argument("--idx-dir", type=Path, help="IDX files to build missing tars from")
     p.add_argument("--models", default=",".join(MODELS), help="comma list of models to time")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train")
+    p.add_argument(
+        "--device", type=main.device_arg, default="auto", help="where to train: auto, cpu, cuda, cuda:N or mps"
+    )
     args = p.parse_args(argv)
     try:
         args.device = main.pick_device(args.device)
@@ -198,7 +200,7 @@ def load_times(train_tar):
 
 def run(args):
     torch.manual_seed(0)
-    train_tar, _ = ensure_tars(args.data_dir, args.idx_dir)
+    train_tar, _ = find_splits(args.data_dir, args.idx_dir, folders=False)  # the naive baseline reads a tar
     loads = load_times(train_tar)
     project = MNIST(train_tar)
     textbook = TextbookMNIST(project.images, project.labels)
@@ -280,4 +282,5 @@ def main_cli(argv=None):
 
 
 if __name__ == "__main__":
+    safe_console()
     main_cli()

@@ -10,19 +10,24 @@ stats.json, last.pt and best.pt, all rewritten atomically after every epoch.
 """
 
 import argparse
+import contextlib
 import functools
-import json
 import platform
+import re
+import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from dataset import MNIST, DatasetError, atomic_open, batch_loader, ensure_tars
+import runs
+from dataset import MNIST, DatasetError, batch_loader, find_splits, safe_console
 from model import MODELS, num_params
+from runs import RunError, job_dir, read_stats, save_checkpoint, write_json
 
 TEST_BATCH_SIZE = 1000  # evaluation only: no gradients, so bigger batches are just faster
 
@@ -126,27 +131,68 @@ def summarize(criterion, outputs, targets):
     """(mean loss per sample, accuracy) of the logits and labels of a whole epoch; the epoch's only host syncs.
 
     ``criterion`` averages over samples, so applied to all of them at once it gives the
-    per-sample mean of the losses the steps saw, whatever the batch sizes.
+    per-sample mean of the losses the steps saw, whatever the batch sizes. The accuracy is
+    an exact count divided in Python: no float64 on the device, which MPS does not have.
     """
     logits, labels = torch.cat(outputs), torch.cat(targets)
-    return criterion(logits, labels).item(), (logits.argmax(1) == labels).double().mean().item()
+    return criterion(logits, labels).item(), (logits.argmax(1) == labels).sum().item() / len(labels)
+
+
+def device_arg(text):
+    """--device: auto, cpu, cuda, cuda:N or mps."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
 
 
 def pick_device(name):
     """The torch.device for --device; raises ValueError when the asked-for one is absent."""
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps: no Apple MPS device is available")
-    return torch.device(name)
+        problem = cuda_gpu_problem()
+        if problem is None and torch.cuda.is_available():
+            return torch.device("cuda")
+        if problem is not None:
+            print(
+                f"note: {problem}; training on the CPU. The README's 'Older GPUs' says what to install.",
+                file=sys.stderr,
+            )
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            problem = cuda_gpu_problem()
+            raise ValueError(f"--device {name}: no CUDA device is available" + (f" ({problem})" if problem else ""))
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), from cuda:0"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: no Apple MPS device is available")
+    return device
+
+
+def cuda_gpu_problem():
+    """Why this torch cannot use the machine's NVIDIA GPU, or None (none installed, or all is well)."""
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        built = torch.cuda.get_arch_list()  # e.g. ['sm_75', ..., 'sm_120', 'compute_120']
+        binary = any(arch == f"sm_{major}{m}" for arch in built for m in range(minor + 1))  # same major, older minor
+        ptx = any(arch.startswith("compute_") and int(arch[8:]) <= major * 10 + minor for arch in built)
+        if binary or ptx:
+            return None
+        name = torch.cuda.get_device_name()
+        return f"the GPU {name} (sm_{major}{minor}) is older than any this torch was built for ({', '.join(built)})"
+    if shutil.which("nvidia-smi") is None:  # every NVIDIA driver installs it, on Linux and Windows
+        return None
+    if torch.version.cuda is None:
+        return "an NVIDIA GPU is installed, but this torch is a CPU-only build"
+    return f"an NVIDIA GPU is installed, but this torch (for CUDA {torch.version.cuda}) cannot use it (an older driver?)"
 
 
 def cpu_name():
     """The processor's model name, for the record."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         return platform.processor() or platform.machine()
@@ -156,33 +202,6 @@ def epoch_seed(seed, epoch):
     """The RNG seed of one epoch: shuffling, dropout and augmentation depend only on (seed, epoch),
     so a run resumed at any epoch boundary repeats an uninterrupted one exactly."""
     return seed * 1_000_003 + epoch
-
-
-# --------------------------------------------------------------------------- files
-
-
-def write_json(path, obj):
-    with atomic_open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
-def save_checkpoint(path, obj):
-    with atomic_open(path) as f:
-        torch.save(obj, f)
-
-
-def point_latest(run_dir):
-    """Make OUT_DIR/latest a symlink to the run, replaced atomically."""
-    link = run_dir.parent / "latest"
-    tmp = run_dir.parent / f".latest.{run_dir.name}.tmp"
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(run_dir.name)
-    tmp.replace(link)
-
-
-def job_dir(run_dir, model_name, seed, per_seed):
-    return run_dir / model_name / f"seed{seed}" if per_seed else run_dir / model_name
 
 
 def model_kwargs(name, cfg):
@@ -202,13 +221,17 @@ def uses_augmentation(name, cfg):
 def build(name, cfg, device):
     """The model, SGD optimizer and learning-rate schedule of one job under cfg (bench.py times these too)."""
     model = MODELS[name](**model_kwargs(name, cfg)).to(device, memory_format=MODELS[name].memory_format)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
+    sgd = functools.partial(
+        torch.optim.SGD,
+        list(model.parameters()),
         lr=cfg["lr"],
         momentum=cfg["momentum"],
         weight_decay=cfg["weight_decay"],
-        fused=device.type in ("cpu", "cuda"),  # one kernel for the whole update: measurably faster
     )
+    try:
+        optimizer = sgd(fused=device.type in ("cpu", "cuda"))  # one kernel for the whole update: measurably faster
+    except (TypeError, RuntimeError):  # older torch: no fused SGD (before 2.3), or not on the CPU (before 2.4)
+        optimizer = sgd()
     scheduler = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
         if cfg["lr_schedule"] == "cosine"
@@ -217,20 +240,45 @@ def build(name, cfg, device):
     return model, optimizer, scheduler
 
 
+def saved_state(out, device):
+    """(last.pt, stats) of a job folder that holds completed epochs, else (None, None); RunError if damaged.
+
+    last.pt is written last in an epoch, so it says how many epochs are complete: stats.json
+    rows after its epoch (a kill between the two writes) are dropped.
+    """
+    if not (out / "last.pt").exists():
+        return None, None
+    last = runs.load_checkpoint(out / "last.pt", device)
+    stats = read_stats(out / "stats.json")
+    if len(stats["epochs"]) < last["epoch"]:
+        raise RunError(
+            f"{out / 'stats.json'}: holds {len(stats['epochs'])} epochs, but last.pt is from epoch {last['epoch']}"
+        )
+    del stats["epochs"][last["epoch"] :]
+    return last, stats
+
+
 def run_job(name, seed, cfg, out, train_set, test_set, device):
-    """Train one model with one seed for cfg['epochs'], continuing from out/last.pt if present."""
+    """Train one model with one seed for cfg['epochs'], continuing from out/last.pt if present.
+
+    Returns the number of epochs it trained (0 for a job that was already complete).
+    """
     torch.manual_seed(seed)
     kwargs = model_kwargs(name, cfg)
     model, optimizer, scheduler = build(name, cfg, device)
     criterion = torch.nn.CrossEntropyLoss()
     stats = {"model": name, "params": num_params(model), "seed": seed, "kwargs": kwargs, "epochs": []}
-    if (out / "last.pt").exists():
-        last = torch.load(out / "last.pt", map_location=device, weights_only=True)
-        model.load_state_dict(last["model"])
-        optimizer.load_state_dict(last["optimizer"])
-        scheduler.load_state_dict(last["scheduler"])
-        stats = json.loads((out / "stats.json").read_text())
-        del stats["epochs"][last["epoch"] :]  # a row written just before a kill, without its checkpoint
+    last, saved_stats = saved_state(out, device)
+    if last is not None:
+        try:
+            model.load_state_dict(last["model"])
+            optimizer.load_state_dict(last["optimizer"])
+            scheduler.load_state_dict(last["scheduler"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RunError(f"{out / 'last.pt'}: not a checkpoint of this job ({reason})") from None
+        stats = saved_stats
+    done = len(stats["epochs"])
     best_acc = max((e["test_acc"] for e in stats["epochs"]), default=-1.0)
 
     generator = torch.Generator()
@@ -243,7 +291,9 @@ def run_job(name, seed, cfg, out, train_set, test_set, device):
         lr = optimizer.param_groups[0]["lr"]
         torch.manual_seed(epoch_seed(seed, epoch))
         generator.manual_seed(epoch_seed(seed, epoch))
-        bar = tqdm(trn_loader, desc=f"{name} {epoch}/{cfg['epochs']}", leave=False, disable=not show_bar)
+        bar = tqdm(
+            trn_loader, desc=f"{name} {epoch}/{cfg['epochs']}", leave=False, disable=not show_bar, mininterval=0.5
+        )
         train_loss, train_acc = train(model, bar, device, criterion, optimizer)
         test_loss, test_acc = test(model, tst_loader, device, criterion)
         scheduler.step()
@@ -282,20 +332,29 @@ def run_job(name, seed, cfg, out, train_set, test_set, device):
             f" | test loss {test_loss:.4f} acc {test_acc:7.2%} | {seconds:5.1f} s",
             flush=True,
         )
-    return stats
+    return len(stats["epochs"]) - done
 
 
 # --------------------------------------------------------------------------- CLI
 
 
-def positive(kind):
+def number(kind, description, low=None):
+    """An argparse type: ``kind`` (int or float), greater than ``low`` when given; errors name what is expected."""
+
     def parse(text):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}") from None
+        if low is not None and not value > low:
+            raise argparse.ArgumentTypeError(f"must be greater than {low}, got {text}")
         return value
 
     return parse
+
+
+WHOLE, POSITIVE_WHOLE = number(int, "a whole number"), number(int, "a whole number greater than 0", 0)
+DECIMAL, POSITIVE_DECIMAL = number(float, "a number"), number(float, "a number greater than 0", 0)
 
 
 def model_list(text):
@@ -310,39 +369,85 @@ def seed_list(text):
     try:
         return [int(s) for s in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+
+
+def run_name(text):
+    if not text or text in (".", "..", runs.LATEST) or any(sep in text for sep in "/\\"):
+        raise argparse.ArgumentTypeError(f"expected a folder name (no slashes, not '{runs.LATEST}'), got {text!r}")
+    return text
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help shows the module docstring as written and each option's default."""
 
 
-def parse_args(argv=None):
+# Options that say where and how to run, not what: the only ones --resume takes besides itself.
+RESUME_OPTIONS = {"resume", "data_dir", "idx_dir", "device", "quiet"}
+
+
+def build_parser():
     p = argparse.ArgumentParser(prog="main.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", type=model_list, default="all", help=f"{', '.join(MODELS)}, a comma list, or all")
-    p.add_argument("--epochs", type=positive(int), default=10, help="training epochs per model")
-    p.add_argument("--batch-size", type=positive(int), default=32, help="training batch size")
-    p.add_argument("--lr", type=positive(float), default=0.01, help="initial SGD learning rate")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay (L2)")
+    p.add_argument("--epochs", type=POSITIVE_WHOLE, default=10, help="training epochs per model")
+    p.add_argument("--batch-size", type=POSITIVE_WHOLE, default=32, help="training batch size")
+    p.add_argument("--lr", type=POSITIVE_DECIMAL, default=0.01, help="initial SGD learning rate")
+    p.add_argument("--momentum", type=DECIMAL, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=DECIMAL, default=5e-4, help="SGD weight decay (L2)")
     p.add_argument(
         "--lr-schedule", choices=("cosine", "constant"), default="cosine", help="learning rate over the epochs"
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed (initialization, shuffling, dropout)")
+    p.add_argument("--seed", type=WHOLE, default=0, help="random seed (initialization, shuffling, dropout)")
     p.add_argument("--seeds", type=seed_list, help="comma list of seeds: each model once per seed, in seed<k>/")
-    p.add_argument("--dropout", type=float, default=0.25, help="dropout rate of lenet5_reg (0 turns it off)")
+    p.add_argument("--dropout", type=DECIMAL, default=0.25, help="dropout rate of lenet5_reg (0 turns it off)")
     p.add_argument("--no-batchnorm", action="store_true", help="lenet5_reg without BatchNorm (ablation)")
     p.add_argument("--no-augment", action="store_true", help="lenet5_reg without data augmentation (ablation)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train")
-    p.add_argument("--data-dir", type=Path, default=Path("data"), help="folder of train.tar and test.tar")
+    p.add_argument("--device", type=device_arg, default="auto", help="where to train: auto, cpu, cuda, cuda:N or mps")
+    p.add_argument(
+        "--data-dir", type=Path, default=Path("data"), help="folder of train.tar and test.tar, or train/ and test/"
+    )
     p.add_argument("--idx-dir", type=Path, help="folder with the four IDX files, to build missing tars from")
     p.add_argument("--out-dir", type=Path, default=Path("runs"), help="folder of the runs")
-    p.add_argument("--run-name", help="name of this run's folder; a timestamp when not given")
-    p.add_argument("--train-limit", type=positive(int), help="use only the first N training images")
-    p.add_argument("--test-limit", type=positive(int), help="use only the first N test images")
+    p.add_argument("--run-name", type=run_name, help="name of this run's folder; the time when not given")
+    p.add_argument("--train-limit", type=POSITIVE_WHOLE, help="use only the first N training images")
+    p.add_argument("--test-limit", type=POSITIVE_WHOLE, help="use only the first N test images")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run with its saved settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def given_options(argv):
+    """The names of the options that ``argv`` sets, whatever their values (no option can be set to None)."""
+    probe = build_parser()
+    probe.set_defaults(**dict.fromkeys(vars(probe.parse_args([])), None))
+    return {name for name, value in vars(probe.parse_args(argv)).items() if value is not None}
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.resume is not None:
+        changed = sorted(given_options(argv) - RESUME_OPTIONS)
+        if changed:
+            flag = "--" + changed[0].replace("_", "-")
+            p.error(
+                f"argument {flag}: --resume continues a run with its own settings, so it takes only "
+                "--data-dir, --idx-dir, --device and --quiet; start a new run to change the others"
+            )
+        try:
+            args.resume = runs.find_run(args.resume)
+        except RunError as e:
+            p.error(f"argument --resume: {e}")
+        if not (args.resume / "config.json").is_file():
+            p.error(f"argument --resume: {args.resume} is not a run directory (no config.json)")
+        if "data_dir" not in given_options(argv):
+            args.data_dir = None  # the run's own
+    elif args.run_name is not None and (args.out_dir / args.run_name).exists():
+        where = args.out_dir / args.run_name
+        p.error(
+            f"argument --run-name: {where} already exists; continue it with "
+            f"{runs.command('python', 'main.py', '--resume', where)}, or pick another name"
+        )
     if not 0 <= args.dropout < 1:
         p.error(f"argument --dropout: must be in [0, 1), got {args.dropout}")
     if min(args.batch_size, args.train_limit or args.batch_size) == 1:  # train() would see no batch it can use
@@ -352,68 +457,113 @@ def parse_args(argv=None):
         args.device = pick_device(args.device)
     except ValueError as e:
         p.error(str(e))
-    if args.resume is not None and not (args.resume / "config.json").is_file():
-        p.error(f"argument --resume: {args.resume} is not a run directory (no config.json)")
     return args
 
 
 def load_config(args):
-    """The run's settings: from the command line, or from config.json when resuming."""
+    """(run folder, or None for a new run; settings): from the command line, or config.json when resuming.
+
+    The data folder is kept as an absolute path, so --resume and plot.py find it from any folder.
+    """
     if args.resume is not None:
-        try:
-            cfg = json.loads((args.resume / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{args.resume / 'config.json'}: cannot read it ({e})") from None
-        cfg.update(resume=str(args.resume), quiet=args.quiet)  # all else as the run started
-        return args.resume.resolve(), cfg  # runs/latest names the run it links to
-    cfg = {k: v for k, v in vars(args).items() if k != "device"}
-    cfg = json.loads(json.dumps(cfg, default=str))  # Paths as strings
-    cfg["run_name"] = args.run_name or time.strftime("%Y%m%d-%H%M%S")
+        cfg = runs.read_config(args.resume)
+        for key in ("data_dir", "idx_dir"):  # where the data are may change; what they are may not
+            if getattr(args, key) is not None:
+                cfg[key] = str(getattr(args, key).resolve())
+        cfg.update(resume=str(args.resume), quiet=args.quiet)
+        return args.resume, cfg
+    cfg = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "device"}
+    cfg["data_dir"] = str(args.data_dir.resolve())
+    cfg["idx_dir"] = args.idx_dir and str(args.idx_dir.resolve())
     cfg["seeds"] = args.seeds or [args.seed]
     cfg["per_seed"] = args.seeds is not None
-    return args.out_dir / cfg["run_name"], cfg
+    return None, cfg
 
 
-def main(argv=None):
-    args = parse_args(argv)
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """SIGTERM ends a run the way Ctrl-C does (completed epochs are on disk); the handler that was there
+    before comes back afterwards, so a notebook that calls main() is left as it was."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set signal handlers
+        return
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv=()):
+    """The command line; ``main()`` from a notebook runs the defaults (``python main.py`` passes its arguments)."""
+    args = parse_args(list(argv))
     try:
         run_dir, cfg = load_config(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    device = args.device
-    cfg.update(
-        device=str(device),
-        threads=torch.get_num_threads(),
-        cpu=cpu_name(),
-        torch=torch.__version__,
-        python=platform.python_version(),
-    )
-    # SIGTERM ends the run the way Ctrl-C does: completed epochs are already on disk.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        train_tar, test_tar = ensure_tars(cfg["data_dir"], cfg["idx_dir"])
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", cfg)
-        point_latest(run_dir)
-        print(f"run {run_dir} on {device}", flush=True)
-        train_set = MNIST(train_tar, limit=cfg["train_limit"]).to(device)
-        test_set = MNIST(test_tar, limit=cfg["test_limit"]).to(device)
-        for seed in cfg["seeds"]:
-            for name in cfg["model"]:
-                out = job_dir(run_dir, name, seed, cfg["per_seed"])
-                run_job(name, seed, cfg, out, train_set, test_set, device)
-    except DatasetError as e:
+    except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except OSError as e:  # e.g. an output folder that cannot be written
-        print(f"error: {e.filename or run_dir}: {e.strerror}", file=sys.stderr)
+    device = args.device
+    cfg.update(device=str(device), threads=torch.get_num_threads(), cpu=cpu_name(), torch=torch.__version__,
+               python=platform.python_version())  # fmt: skip
+    with sigterm_as_ctrl_c():
+        try:
+            train_path, test_path = find_splits(args.data_dir or cfg["data_dir"], cfg["idx_dir"])
+            train_set = MNIST(train_path, limit=cfg["train_limit"]).to(device)
+            test_set = MNIST(test_path, limit=cfg["test_limit"]).to(device)
+        except DatasetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except OSError as e:
+            print(f"error: {e.filename}: cannot read it ({e.strerror})", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\ninterrupted before training: no run was written", file=sys.stderr)
+            return 130
+        try:
+            if run_dir is None:  # the folder appears only now, with the data ready
+                run_dir = runs.create_run_dir(args.out_dir, args.run_name)
+                cfg["run_name"] = run_dir.name
+            write_json(run_dir / "config.json", cfg)
+            runs.point_latest(run_dir)
+        except OSError as e:
+            print(f"error: {e.filename or args.out_dir}: cannot write the run there ({e.strerror})", file=sys.stderr)
+            return 1
+        return train_all(run_dir, cfg, train_set, test_set, device)
+
+
+def train_all(run_dir, cfg, train_set, test_set, device):
+    """Train what is left of every job of the run, then print the run's table; returns the exit code.
+
+    A job whose files are damaged is reported and left as it is; the others still train.
+    """
+    resume = runs.command("python", "main.py", "--resume", run_dir)
+    print(f"run {run_dir} on {device}", flush=True)
+    trained, failed = 0, 0
+    try:
+        for name, seed in runs.jobs(cfg):
+            out = job_dir(run_dir, name, seed, cfg["per_seed"])
+            try:
+                trained += run_job(name, seed, cfg, out, train_set, test_set, device)
+            except RunError as e:
+                print(f"error: {e}; move {out} away to train {name} seed {seed} from scratch", file=sys.stderr)
+                failed += 1
+    except OSError as e:  # a full disk, say: every completed epoch is still on disk
+        print(f"error: {e.filename or run_dir}: {e.strerror}; completed epochs are saved: fix that, then {resume}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    except NotImplementedError as e:  # an operation this torch lacks on this device (MPS)
+        print(f"error: {device}: {str(e).splitlines()[0]}; try --device cpu or a newer torch", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\ninterrupted: completed epochs are saved; continue with: python main.py --resume {run_dir}")
+        print(f"\ninterrupted: completed epochs are saved; continue with: {resume}")
         return 130
-    return 0
+    if not trained and not failed:
+        print("every job was already complete: nothing left to train")
+    print("\n" + runs.summary(run_dir, cfg))
+    print(f"\nplot it: {runs.command('python', 'plot.py', run_dir)}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    safe_console()
+    sys.exit(main(sys.argv[1:]))

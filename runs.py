@@ -1,0 +1,229 @@
+"""Run folders: how main.py lays out a run on disk, and how main.py and plot.py read it back.
+
+    runs/<run>/config.json                         every setting of the run
+    runs/<run>/<model>[/seed<k>]/stats.json        one row per completed epoch
+    runs/<run>/<model>[/seed<k>]/last.pt, best.pt  checkpoints
+    runs/latest                                    the newest run
+
+A run folder is made only when training starts, under a name no other run has.
+``runs/latest`` is a symlink, or, where the system refuses one (Windows without
+the privilege), a text file holding the run's name; ``find_run`` follows either.
+Every file is read with a check of its shape, and a damaged one is reported as a
+``RunError``: one line naming the file and what to do.
+"""
+
+import json
+import os
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from dataset import atomic_open, write_text
+from model import MODELS
+
+LATEST = "latest"
+EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
+# The experiment's settings in config.json, with their types: a resumed run takes exactly these.
+EXPERIMENT = {
+    "model": list,
+    "epochs": int,
+    "batch_size": int,
+    "lr": float,
+    "momentum": float,
+    "weight_decay": float,
+    "lr_schedule": str,
+    "seeds": list,
+    "per_seed": bool,
+    "dropout": float,
+    "no_batchnorm": bool,
+    "no_augment": bool,
+    "train_limit": (int, type(None)),
+    "test_limit": (int, type(None)),
+    "data_dir": str,
+}
+
+
+class RunError(Exception):
+    """A run's file is missing or damaged; the message is one line naming it and what to do."""
+
+
+# --------------------------------------------------------------------------- the folder
+
+
+def create_run_dir(out_dir, name=None):
+    """Make a new run folder in ``out_dir``: ``name``, or the time, made unique with -2, -3, ...
+
+    ``mkdir`` either creates the folder or fails, so two runs started in the same
+    second, even in two processes, never share a folder.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if name is not None:
+        (out_dir / name).mkdir()  # FileExistsError: main.py checks for it before any work
+        return out_dir / name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for k in range(1, 1000):
+        run_dir = out_dir / (stamp if k == 1 else f"{stamp}-{k}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{out_dir}: a thousand runs named {stamp}")
+
+
+def point_latest(run_dir):
+    """Make ``OUT_DIR/latest`` name the run: a symlink, replaced atomically, or where symlinks are
+    refused (Windows without Developer Mode) a small text file holding the run's name."""
+    link = run_dir.parent / LATEST
+    tmp = run_dir.parent / f".{LATEST}.{os.getpid()}.tmp"
+    try:
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(run_dir.name, target_is_directory=True)
+        os.replace(tmp, link)
+    except (OSError, NotImplementedError):
+        tmp.unlink(missing_ok=True)
+        if link.is_symlink() or link.is_dir():
+            link.unlink()  # a link left by another system: the text file takes its place
+        write_text(link, run_dir.name + "\n")
+
+
+def find_run(path):
+    """The run folder that ``path`` names: itself, or the run a ``latest`` symlink or text file points to."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            target = path.parent / path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise RunError(f"{path}: cannot read the run it names ({e})") from None
+        if not target.is_dir():
+            raise RunError(f"{path}: names the run {target.name}, which is not in {path.parent}")
+        return target.resolve()
+    return path.resolve()
+
+
+def job_dir(run_dir, model_name, seed, per_seed):
+    return run_dir / model_name / f"seed{seed}" if per_seed else run_dir / model_name
+
+
+def jobs(cfg):
+    """(model, seed) of every job of a run, in the order they are trained."""
+    return [(name, seed) for seed in cfg["seeds"] for name in cfg["model"]]
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_checkpoint(path, obj):
+    with atomic_open(path) as f:
+        torch.save(obj, f)
+
+
+def read_json(path):
+    """A JSON file's content; RunError when it cannot be read or is not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: cannot read it ({e})") from None
+    except json.JSONDecodeError:
+        raise RunError(f"{path}: not valid JSON (cut short, or edited by hand?)") from None
+
+
+def _is(value, kind):
+    if kind is float:
+        kind = (int, float)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def read_config(run_dir):
+    """A run's config.json, with every setting of the experiment present and of the right type."""
+    path = Path(run_dir) / "config.json"
+    cfg = read_json(path)
+    if not isinstance(cfg, dict):
+        raise RunError(f"{path}: not a config.json of main.py (not a JSON object)")
+    wrong = [key for key, kind in EXPERIMENT.items() if not _is(cfg.get(key), kind)]
+    if not wrong:
+        wrong = [key for key in ("model", "seeds") if not cfg[key]]
+        wrong += ["model"] if any(name not in MODELS for name in cfg["model"]) else []
+        wrong += ["seeds"] if not all(_is(seed, int) for seed in cfg["seeds"]) else []
+    if wrong:
+        raise RunError(f"{path}: not a config.json of main.py (setting {wrong[0]!r} is missing or wrong)")
+    return cfg
+
+
+def read_stats(path):
+    """A job's stats.json, checked: its fields, and one row of numbers per epoch, numbered from 1."""
+    stats = read_json(path)
+    problem = None
+    if not isinstance(stats, dict):
+        problem = "not a JSON object"
+    elif not isinstance(stats.get("model"), str) or not _is(stats.get("params"), int):
+        problem = "the field 'model' or 'params' is missing or wrong"
+    elif not isinstance(stats.get("epochs"), list):
+        problem = "the field 'epochs' is missing or not a list"
+    else:
+        for number, row in enumerate(stats["epochs"], 1):
+            if not isinstance(row, dict) or not all(_is(row.get(key), float) for key in EPOCH_FIELDS):
+                problem = f"epoch row {number} lacks a field or has one that is not a number"
+            elif row["epoch"] != number:
+                problem = f"epoch row {number} is numbered {row['epoch']}"
+            if problem:
+                break
+    if problem:
+        raise RunError(f"{path}: not a stats.json of main.py ({problem})")
+    return stats
+
+
+def load_checkpoint(path, device="cpu"):
+    """A checkpoint saved by main.py (a dict of tensors and numbers); RunError when unreadable."""
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing") from None
+    except Exception as e:  # a truncated zip, a foreign pickle, ...: any failure means the file is unusable
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"{path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("epoch"), int):
+        raise RunError(f"{path}: not a checkpoint of main.py")
+    return checkpoint
+
+
+# --------------------------------------------------------------------------- what a run says at the end
+
+
+def summary(run_dir, cfg):
+    """The table of a run's jobs: model, seed, final and best test accuracy (epoch), minutes."""
+    lines = [
+        f"{'model':<10}  {'seed':>4}  {'epochs':>6}  {'final test acc':>14}  {'best test acc':>18}  {'minutes':>7}"
+    ]
+    for name, seed in jobs(cfg):
+        path = job_dir(run_dir, name, seed, cfg["per_seed"]) / "stats.json"
+        try:
+            rows = read_stats(path)["epochs"]
+        except RunError:
+            rows = []
+        if not rows:
+            lines.append(f"{name:<10}  {seed:>4}  {0:>6}  {'not trained':>14}")
+            continue
+        best = max(rows, key=lambda row: row["test_acc"])
+        minutes = sum(row["seconds"] for row in rows) / 60
+        best_text = f"{best['test_acc']:.2%} (epoch {best['epoch']})"
+        lines.append(
+            f"{name:<10}  {seed:>4}  {len(rows):>6}  {rows[-1]['test_acc']:>14.2%}  {best_text:>18}  {minutes:>7.1f}"
+        )
+    return "\n".join(lines)
+
+
+def command(*args):
+    """A command line that this system's shell takes back as the same arguments (spaces, quotes, any script)."""
+    args = [str(a) for a in args]
+    return subprocess.list2cmdline(args) if os.name == "nt" else shlex.join(args)
