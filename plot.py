@@ -10,24 +10,26 @@ and all runs given, on the same four panels), and for each model with best.pt
 """
 
 import argparse
-import json
+import functools
 import math
 import statistics
 import sys
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")  # files only; --show switches to an interactive backend
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib import font_manager
+from matplotlib.figure import Figure
+from matplotlib.ft2font import FT2Font
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid
 
-from dataset import MNIST, DatasetError, batch_loader
+import runs
+from dataset import MNIST, DatasetError, batch_loader, safe_console, split_path, write_text
 from main import TEST_BATCH_SIZE
 from model import MODELS
+from runs import RunError
 
 PANELS = [  # (stats key, panel title, y label)
     ("train_loss", "Training loss", "mean cross-entropy"),
@@ -35,10 +37,9 @@ PANELS = [  # (stats key, panel title, y label)
     ("test_loss", "Test loss", "mean cross-entropy"),
     ("test_acc", "Test accuracy", "accuracy (%)"),
 ]
-STATS_FIELDS = ("model", "params", "epochs")
-EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
 REFERENCE = {"lenet5": "LeCun et al. 1998: 0.95% error (99.05%)"}
 MAX_MISCLASSIFIED = 64
+DPI = 100
 
 
 def warn(message):
@@ -48,29 +49,19 @@ def warn(message):
 # --------------------------------------------------------------------------- reading
 
 
-def read_stats(path):
-    """One stats.json, checked; None (and a line on stderr) when it is unusable."""
-    try:
-        stats = json.loads(path.read_text())
-        missing = [f for f in STATS_FIELDS if f not in stats]
-        missing += sorted({f for row in stats.get("epochs", []) for f in EPOCH_FIELDS if f not in row})
-        if missing:
-            raise ValueError(f"lacks the field {', '.join(missing)}")
-        if not stats["epochs"]:
-            raise ValueError("holds no epochs")
-    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
-        warn(f"{path}: {'not valid JSON' if isinstance(e, json.JSONDecodeError) else e}")
-        return None
-    return stats
-
-
 def load_run(run_dir):
     """{model: [(folder, stats) per seed]} for the readable stats.json files of one run."""
     run = {}
     for path in sorted(run_dir.glob("*/stats.json")) + sorted(run_dir.glob("*/seed*/stats.json")):
-        stats = read_stats(path)
-        if stats is not None:
-            run.setdefault(stats["model"], []).append((path.parent, stats))
+        try:
+            stats = runs.read_stats(path)
+        except RunError as e:
+            warn(e)
+            continue
+        if not stats["epochs"]:
+            warn(f"{path}: holds no epochs")
+            continue
+        run.setdefault(stats["model"], []).append((path.parent, stats))
     if not run:
         warn(f"{run_dir}: no readable stats.json in its model folders")
     order = list(MODELS)  # the registry's order; unknown names last
@@ -94,6 +85,38 @@ def mean_std(values, digits=2):
     return f"{statistics.fmean(values) * 100:.{digits}f} ± {statistics.stdev(values) * 100:.{digits}f}%"
 
 
+# --------------------------------------------------------------------------- fonts
+
+
+@functools.lru_cache(maxsize=None)
+def _characters(font_file):
+    try:
+        return frozenset(FT2Font(font_file).get_charmap())
+    except (OSError, RuntimeError, ValueError):
+        return frozenset()
+
+
+def font_families(texts):
+    """(font families, characters none has) for drawing ``texts``: matplotlib's DejaVu Sans, then, for
+    characters it lacks (Hangul, say), the first installed fonts that have them."""
+    families = [matplotlib.rcParamsDefault["font.sans-serif"][0]]
+    missing = {ord(c) for text in texts for c in text} - _characters(font_manager.findfont(families[0]))
+    for font in font_manager.fontManager.ttflist:
+        if not missing:
+            break
+        if "Last Resort" in font.name:  # a box for every character: exactly what is to be avoided
+            continue
+        if found := missing & _characters(font.fname):
+            families.append(font.name)
+            missing -= found
+    return families, {chr(c) for c in missing}
+
+
+def drawable(text, unavailable):
+    """``text`` with the characters no installed font has replaced by '?'."""
+    return "".join("?" if c in unavailable else c for c in text)
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -107,7 +130,9 @@ def draw_curves(axes, seeds, label):
 
 
 def curves_figure(title):
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    # A bare Figure, not pyplot: nothing global changes (a notebook's backend stays as it was).
+    fig = Figure(figsize=(10, 7), layout="constrained")
+    axes = fig.subplots(2, 2)
     for ax, (_, panel, ylabel) in zip(axes.flat, PANELS):
         ax.set(title=panel, xlabel="epoch", ylabel=ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -118,8 +143,7 @@ def curves_figure(title):
 
 def save(fig, path):
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.savefig(path, dpi=DPI)
     print(path)
     return path
 
@@ -134,38 +158,48 @@ def plot_model_curves(name, seeds, out):
     return save(fig, out / f"{name}_curves.png")
 
 
-def plot_comparison(runs, out):
-    several = len(runs) > 1
-    most_seeds = max(len(seeds) for run in runs.values() for seeds in run.values())
+def plot_comparison(runs_, out, unavailable=frozenset()):
+    several = len(runs_) > 1
+    most_seeds = max(len(seeds) for run in runs_.values() for seeds in run.values())
     fig, axes = curves_figure("Comparison" + (" of runs" if several else " of models") + seeds_note(most_seeds))
-    for run_dir, run in runs.items():
+    for run_dir, run in runs_.items():
         for name, seeds in run.items():
-            draw_curves(axes, seeds, f"{run_dir.name}: {name}" if several else name)
+            draw_curves(axes, seeds, drawable(f"{run_dir.name}: {name}", unavailable) if several else name)
     axes.flat[0].legend(fontsize="small")
     return save(fig, out / "comparison.png")
 
 
 def predict(folder, test_set):
-    """Predictions of a model folder's best.pt on the test set; None if it has no usable best.pt."""
+    """(predictions on the test set, best.pt) of a model folder; None if it has no usable best.pt."""
     path = folder / "best.pt"
     try:
-        best = torch.load(path, map_location="cpu", weights_only=True)
+        best = runs.load_checkpoint(path)
         model = MODELS[best["name"]](**best["kwargs"])
         model.load_state_dict(best["model"])
-    except FileNotFoundError:
-        warn(f"{path}: missing, so no confusion matrix or misclassified digits for {folder}")
+    except RunError as e:
+        warn(f"{e}, so no confusion matrix or misclassified digits for {folder}")
         return None
-    except (OSError, RuntimeError, KeyError, TypeError) as e:
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:
         warn(f"{path}: not a checkpoint of a known model ({e})")
         return None
     model.eval()
     with torch.inference_mode():
-        return torch.cat([model(images).argmax(1) for images, _ in batch_loader(test_set, TEST_BATCH_SIZE)])
+        loader = batch_loader(test_set, TEST_BATCH_SIZE)
+        return torch.cat([model(images).argmax(1) for images, _ in loader]), best
 
 
-def plot_confusion(name, confusion, out):
+def checkpoint_note(bests):
+    """Which checkpoints a figure shows: best.pt, its epoch and test accuracy (per seed)."""
+    if len(bests) == 1:
+        return f"best.pt: epoch {bests[0]['epoch']}, test accuracy {bests[0]['test_acc']:.2%}"
+    epochs = ", ".join(str(b["epoch"]) for b in bests)
+    return f"best.pt of {len(bests)} seeds: epochs {epochs}, test accuracy {mean_std([b['test_acc'] for b in bests])}"
+
+
+def plot_confusion(name, confusion, bests, out):
     """confusion[true, predicted], counts (averaged over seeds)."""
-    fig, ax = plt.subplots(figsize=(6.5, 5.5), constrained_layout=True)
+    fig = Figure(figsize=(6.5, 5.5), layout="constrained")
+    ax = fig.subplots()
     confusion = confusion.numpy()
     image = ax.imshow(confusion, cmap="Blues", norm=matplotlib.colors.LogNorm(vmin=0.5, vmax=confusion.max()))
     for (true, pred), count in np.ndenumerate(confusion):
@@ -173,28 +207,30 @@ def plot_confusion(name, confusion, out):
             color = "white" if count > confusion.max() / 4 else "black"
             ax.text(pred, true, f"{count:.0f}", ha="center", va="center", fontsize=7, color=color)
     ax.set(xticks=range(10), yticks=range(10), xlabel="predicted label", ylabel="true label")
-    accuracy = confusion.diagonal().sum() / confusion.sum()
-    ax.set_title(f"{name}: test confusion matrix (accuracy {accuracy:.2%})")
+    ax.set_title(f"{name}: test confusion matrix\n{checkpoint_note(bests)}")
     fig.colorbar(image, ax=ax, label="test images (log scale)")
     return save(fig, out / f"{name}_confusion.png")
 
 
-def plot_misclassified(name, test_set, predictions, out):
-    wrong = (predictions != test_set.labels).nonzero().flatten()[:MAX_MISCLASSIFIED]
+def plot_misclassified(name, test_set, predictions, best, out):
+    wrong = (predictions != test_set.labels).nonzero().flatten()
     if len(wrong) == 0:
         return None
-    images = test_set.images[wrong].unsqueeze(1)  # raw uint8, (K, 1, 28, 28)
+    shown = wrong[:MAX_MISCLASSIFIED]
+    images = test_set.images[shown].unsqueeze(1)  # raw uint8, (K, 1, 28, 28)
     cols = 8
-    rows = math.ceil(len(wrong) / cols)
+    rows = math.ceil(len(shown) / cols)
     grid = make_grid(images, nrow=cols, padding=2, pad_value=0)[0]  # one channel of the RGB grid
-    fig, ax = plt.subplots(figsize=(8, rows + 1), constrained_layout=True)
+    fig = Figure(figsize=(8, rows + 1.2), layout="constrained")
+    ax = fig.subplots()
     ax.imshow(grid.numpy(), cmap="gray_r")  # dark digits on white
-    for k, index in enumerate(wrong.tolist()):
+    for k, index in enumerate(shown.tolist()):
         true, pred = test_set.labels[index].item(), predictions[index].item()
         x, y = (k % cols) * 30 + 3, (k // cols) * 30 + 2  # each cell is 28 pixels plus 2 of padding
         ax.text(x, y, f"{true}→{pred}", color="red", fontsize=9, fontweight="bold", va="top")
     ax.set_axis_off()
-    ax.set_title(f"{name}: misclassified test digits (true→predicted), first {len(wrong)}")
+    count = f"all {len(wrong)}" if len(shown) == len(wrong) else f"the first {len(shown)} of {len(wrong)}"
+    ax.set_title(f"{name}: misclassified test digits (true→predicted), {count}\n{checkpoint_note([best])}")
     return save(fig, out / f"{name}_misclassified.png")
 
 
@@ -211,13 +247,13 @@ def report(run_dir, run, per_class, figures):
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for name, seeds in run.items():
-        runs = [stats for _, stats in seeds]
-        final = [s["epochs"][-1] for s in runs]
-        bests = [max(s["epochs"], key=lambda e: e["test_acc"]) for s in runs]
+        stats = [s for _, s in seeds]
+        final = [s["epochs"][-1] for s in stats]
+        bests = [max(s["epochs"], key=lambda e: e["test_acc"]) for s in stats]
         best_epochs = ", ".join(str(b["epoch"]) for b in bests)
-        seconds = statistics.fmean(e["seconds"] for s in runs for e in s["epochs"])
+        seconds = statistics.fmean(e["seconds"] for s in stats for e in s["epochs"])
         lines.append(
-            f"| {name} | {runs[0]['params']:,} | {mean_std([f['test_acc'] for f in final])}"
+            f"| {name} | {stats[0]['params']:,} | {mean_std([f['test_acc'] for f in final])}"
             f" | {mean_std([b['test_acc'] for b in bests])} ({best_epochs})"
             f" | {mean_std([f['train_acc'] for f in final])} | {seconds:.1f} | {REFERENCE.get(name, '')} |"
         )
@@ -230,7 +266,7 @@ def report(run_dir, run, per_class, figures):
     lines += ["", "## Figures", ""]
     lines += [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})" for p in figures if p.is_relative_to(run_dir)]
     path = run_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")  # UTF-8 whatever the locale: the ± and → stay readable
     print(path)
     return path
 
@@ -241,12 +277,13 @@ def report(run_dir, run, per_class, figures):
 def load_test_split(run_dir, data_dir):
     """The test set the run was evaluated on (its data folder and --test-limit), or None."""
     try:
-        config = json.loads((run_dir / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        warn(f"{run_dir / 'config.json'}: unreadable ({e}); no confusion matrices")
+        config = runs.read_config(run_dir)
+    except RunError as e:
+        warn(f"{e}; no confusion matrices")
         return None
+    data_dir = Path(data_dir or config["data_dir"])
     try:
-        return MNIST(Path(data_dir or config["data_dir"]) / "test.tar", limit=config.get("test_limit"))
+        return MNIST(split_path(data_dir, "test") or data_dir / "test.tar", limit=config["test_limit"])
     except DatasetError as e:
         warn(f"{e}; no confusion matrices")
         return None
@@ -265,45 +302,65 @@ def plot_run(run_dir, run, data_dir):
         return figures, {}
     per_class = {}
     for name, seeds in run.items():
-        predictions = [p for folder, _ in seeds if (p := predict(folder, test_set)) is not None]
-        if not predictions:
+        results = [r for folder, _ in seeds if (r := predict(folder, test_set)) is not None]
+        if not results:
             continue
-        confusions = [confusion_matrix(test_set.labels, p) for p in predictions]
+        confusions = [confusion_matrix(test_set.labels, predictions) for predictions, _ in results]
         per_class[name] = [(c.diagonal() / c.sum(1)).tolist() for c in confusions]
-        figures.append(plot_confusion(name, torch.stack(confusions).mean(0), out))
-        figures.append(plot_misclassified(name, test_set, predictions[0], out))
+        figures.append(plot_confusion(name, torch.stack(confusions).mean(0), [best for _, best in results], out))
+        figures.append(plot_misclassified(name, test_set, *results[0], out))
     return [f for f in figures if f is not None], per_class
 
 
-def main(argv=None):
+def show(figures):
+    """Open each saved figure in a window of its own size, so it shows whole."""
+    import matplotlib.pyplot as plt  # only here: importing pyplot picks a window system
+
+    for path in figures:
+        image = plt.imread(path)
+        height, width = image.shape[:2]
+        fig = plt.figure(path.name, figsize=(width / DPI, height / DPI), dpi=DPI)
+        fig.figimage(image)
+    plt.show()
+
+
+def main(argv=()):
+    """The command line; ``main()`` from a notebook plots runs/latest."""
     p = argparse.ArgumentParser(
         prog="plot.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("runs", nargs="*", type=Path, help="run folders (default: runs/latest)")
-    p.add_argument("--data-dir", type=Path, help="folder of test.tar (default: the run's own)")
+    p.add_argument("--data-dir", type=Path, help="folder of test.tar or test/ (default: the run's own)")
     p.add_argument("--show", action="store_true", help="also open the figures in a window")
-    args = p.parse_args(argv)
-    if args.show:
-        plt.switch_backend(matplotlib.rcParamsDefault["backend"])
-    runs = {}
-    for run_dir in args.runs or [Path("runs/latest")]:
+    args = p.parse_args(list(argv))
+    found = {}
+    for path in args.runs or [Path("runs") / runs.LATEST]:
+        try:
+            run_dir = runs.find_run(path)  # runs/latest names the run it points to
+        except RunError as e:
+            warn(e)
+            continue
         if not run_dir.is_dir():
-            warn(f"{run_dir}: not a run folder")
-        elif run := load_run(run_dir.resolve()):  # runs/latest names the run it links to
-            runs[run_dir.resolve()] = run
-    if not runs:
+            warn(f"{path}: not a run folder")
+        elif run := load_run(run_dir):
+            found[run_dir] = run
+    if not found:
         return 1
-    figures = [plot_comparison(runs, next(iter(runs)) / "plots")]
-    for run_dir, run in runs.items():
-        run_figures, per_class = plot_run(run_dir, run, args.data_dir)
-        report(run_dir, run, per_class, figures[:1] + run_figures)
-        figures += run_figures
+    families, unavailable = font_families([run_dir.name for run_dir in found] if len(found) > 1 else [])
+    if unavailable:
+        print(f"warning: no installed font has {''.join(sorted(unavailable))!r}, so figures show '?' for it; "
+              "install a font that has it (e.g. Noto Sans CJK for Hangul)", file=sys.stderr)  # fmt: skip
+    with matplotlib.rc_context({"font.family": families}):
+        figures = [plot_comparison(found, next(iter(found)) / "plots", unavailable)]
+        for run_dir, run in found.items():
+            run_figures, per_class = plot_run(run_dir, run, args.data_dir)
+            report(run_dir, run, per_class, figures[:1] + run_figures)
+            figures += run_figures
     if args.show:
-        for path in figures:
-            plt.figure(path.name).figimage(plt.imread(path))
-        plt.show()
+        show(figures)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    safe_console()
+    sys.exit(main(sys.argv[1:]))
