@@ -1,5 +1,7 @@
 """Fixtures: tiny PNG tars and IDX files built in tmp_path, and the real MNIST tars prepared once per session."""
 
+import builtins
+import errno
 import gzip
 import io
 import json
@@ -90,3 +92,44 @@ def epochs_without_time(stats_path):
     """The per-epoch rows of a stats.json, without their wall-clock seconds."""
     rows = json.loads(stats_path.read_text())["epochs"]
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def make_read_only(monkeypatch, folder):
+    """Make ``folder`` behave as on a read-only file system: creating, replacing or deleting anything
+    in it fails with EROFS (as root, this machine ignores permission bits, so they cannot show it)."""
+    folder = os.path.abspath(folder)
+
+    def refuse_inside(path, exists_first=False):
+        if os.path.abspath(os.fspath(path)).startswith(folder):
+            if exists_first and os.path.exists(path):  # mkdir of a folder that is there: EEXIST comes first
+                raise FileExistsError(errno.EEXIST, "File exists", os.fspath(path))
+            raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+
+    def guard(real, *, target=0, writes=None, exists_first=False):
+        def call(*args, **kwargs):
+            path = args[target]
+            if isinstance(path, (str, os.PathLike)) and (writes is None or writes(*args, **kwargs)):
+                refuse_inside(path, exists_first)
+            return real(*args, **kwargs)
+
+        return call
+
+    def writes_mode(file, mode="r", *args, **kwargs):
+        return any(c in mode for c in "wxa+")
+
+    def writes_flags(path, flags, *args, **kwargs):
+        return bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+
+    # The os functions, and pathlib's own bindings of them (Python 3.10 bound them at import).
+    monkeypatch.setattr(builtins, "open", guard(builtins.open, writes=writes_mode))
+    monkeypatch.setattr(io, "open", guard(io.open, writes=writes_mode))
+    monkeypatch.setattr(os, "open", guard(os.open, writes=writes_flags))
+    for name in ("unlink", "rmdir"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name)))
+        monkeypatch.setattr(Path, name, guard(getattr(Path, name)))
+    for name in ("replace", "rename"):
+        monkeypatch.setattr(os, name, guard(getattr(os, name), target=1))
+        monkeypatch.setattr(Path, name, guard(getattr(Path, name), target=1))
+    monkeypatch.setattr(os, "mkdir", guard(os.mkdir, exists_first=True))
+    monkeypatch.setattr(Path, "mkdir", guard(Path.mkdir, writes=lambda p, *a, **k: not p.is_dir()))
+    monkeypatch.setattr(Path, "open", guard(Path.open, writes=lambda p, mode="r", *a, **k: writes_mode(p, mode)))

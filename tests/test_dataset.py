@@ -9,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_MNIST, digit, make_tar, png_bytes, tiny_idx_dir, write_idx
+from conftest import SHARED_MNIST, digit, make_read_only, make_tar, png_bytes, tiny_idx_dir, write_idx
 from torch.utils.data import BatchSampler, RandomSampler
 
 import dataset
@@ -140,6 +140,7 @@ def bad_cases(tmp_path):
         "undecodable": (make_tar(tmp_path / "u.tar", [("00000_1.png", b"\x89PNG garbage")]), "not a decodable PNG"),
         "no label": (make_tar(tmp_path / "n.tar", [("digit.png", good)]), "not {ID}_{Label}.png"),
         "label 12": (make_tar(tmp_path / "l.tar", [("00000_12.png", good)]), "label 12 is outside 0-9"),
+        "label 10": (make_tar(tmp_path / "m.tar", [("00000_10.png", good)]), "label 10 is outside 0-9"),
         "duplicate id": (
             make_tar(tmp_path / "d.tar", [("a/00007_1.png", good), ("b/00007_2.png", good)]),
             "ID 7 already used by a/00007_1.png",
@@ -155,7 +156,7 @@ def bad_cases(tmp_path):
 
 @pytest.mark.parametrize(
     "case",
-    ["missing", "not a tar", "truncated", "empty", "no pngs", "undecodable", "no label", "label 12",
+    ["missing", "not a tar", "truncated", "empty", "no pngs", "undecodable", "no label", "label 12", "label 10",
      "duplicate id", "27x28", "bomb", "colour"],
 )  # fmt: skip
 def test_bad_input_raises_one_line_naming_the_file_and_member(tmp_path, case):
@@ -166,7 +167,7 @@ def test_bad_input_raises_one_line_naming_the_file_and_member(tmp_path, case):
     assert expected in message and str(path) in message and "\n" not in message
 
 
-def test_hostile_member_names_and_links_write_nothing_outside(tmp_path):
+def test_hostile_member_names_and_links_write_nothing_outside(tmp_path, capsys):
     target = tmp_path / "data"
     target.mkdir()
     link = tarfile.TarInfo("00002_3.png")
@@ -185,6 +186,9 @@ def test_hostile_member_names_and_links_write_nothing_outside(tmp_path):
     before = set(tmp_path.parent.iterdir())
     data = MNIST(tar)
     assert data.labels.tolist() == [1, 2]  # links and devices are skipped
+    warning = capsys.readouterr().err
+    assert warning.count("\n") == 1 and warning.startswith(f"warning: {tar}: skipped 2 link or device member(s);")
+    assert "read 2 member(s) with an absolute or '..' path in memory" in warning
     assert set(tmp_path.parent.iterdir()) == before
     assert {p.name for p in target.rglob("*")} == {"evil.tar", ".cache", next((target / ".cache").iterdir()).name}
 
@@ -220,7 +224,7 @@ def test_an_interrupted_prepare_leaves_no_tar(tmp_path, monkeypatch):
     monkeypatch.setattr(tarfile.TarFile, "addfile", add_then_stop)
     with pytest.raises(KeyboardInterrupt):
         dataset.prepare(tmp_path / "data", idx)
-    assert list((tmp_path / "data").iterdir()) == []
+    assert not (tmp_path / "data").exists()  # no tar, and no folder made for nothing
 
 
 def test_idx_files_that_do_not_fit_are_reported(tmp_path):
@@ -303,3 +307,40 @@ def test_real_mnist_tars_have_the_official_sizes_labels_and_statistics(mnist_dir
         assert torch.bincount(split.labels, minlength=10).tolist() == np.bincount(official, minlength=10).tolist()
     images, _ = train[list(range(len(train)))]
     assert abs(images.mean().item()) < 0.01 and abs(images.std().item() - 1) < 0.01
+
+
+# --------------------------------------------------------------------------- read-only folders
+
+
+def test_a_read_only_data_folder_with_an_old_cache_is_read_with_a_warning(good_tar, capsys, monkeypatch):
+    stale = good_tar.parent / ".cache" / "train.tar.0123abcd.v0.pt"  # a cache of an older version
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
+    make_read_only(monkeypatch, good_tar.parent)
+    assert MNIST(good_tar).labels.tolist() == [5, 0, 7]
+    err = capsys.readouterr().err
+    assert err == f"warning: {stale.parent}: cannot write the cache there (Read-only file system); working without it\n"
+    assert stale.read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("with_idx", [False, True])
+def test_a_read_only_data_folder_without_tars_says_so(tmp_path, capsys, monkeypatch, with_idx):
+    idx, _ = tiny_idx_dir(tmp_path / "idx")
+    data = tmp_path / "data"
+    data.mkdir()
+    make_read_only(monkeypatch, data)
+    with pytest.raises(DatasetError) as error:
+        dataset.prepare(data, idx if with_idx else None, mirrors=["http://127.0.0.1:9/"])
+    assert str(error.value) == f"{data}: cannot write the tars there (Read-only file system)"
+    monkeypatch.undo()
+    assert list(data.iterdir()) == []
+
+
+def test_a_failed_download_leaves_no_folder_behind_and_blames_the_network_only_when_it_failed(tmp_path, mirror):
+    with pytest.raises(DatasetError) as error:  # the shared training images are a rebuild: wrong MD5
+        dataset.prepare(tmp_path / "new" / "data", mirrors=[mirror])
+    assert list(tmp_path.iterdir()) == []  # neither data/raw/ with the files that did download, nor data/
+    assert "(wrong MD5)" in str(error.value) and "connect to the internet" not in str(error.value)
+    with pytest.raises(DatasetError) as error:
+        dataset.prepare(tmp_path / "data", mirrors=["http://127.0.0.1:9/", mirror])
+    assert "connect to the internet" in str(error.value)

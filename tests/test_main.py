@@ -154,6 +154,12 @@ def test_training_loss_and_accuracy_are_over_samples_not_batches(mnist_dir):
         (["--resume", "."], "is not a run directory"),
         (["--train-limit", "1"], "--train-limit: must be at least 2"),
         (["--batch-size", "1"], "--batch-size: must be at least 2"),
+        (["--batch-size", "abc"], "--batch-size: expected a whole number greater than 0, got 'abc'"),
+        (["--seed", "1.5"], "--seed: expected a whole number, got '1.5'"),
+        (["--lr", "fast"], "--lr: expected a number greater than 0, got 'fast'"),
+        (["--device", "tpu"], "--device: expected auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
+        (["--device", "cuda:1"], "--device cuda:1: no CUDA device"),
+        (["--run-name", "a/b"], "--run-name: expected a folder name"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, monkeypatch):
@@ -172,6 +178,7 @@ def test_missing_data_without_network_exits_1(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("error: Could not download") and "--idx-dir" in err
     assert "http://127.0.0.1:9/train-images-idx3-ubyte.gz" in err  # the patched mirror, not the public ones
+    assert list(tmp_path.iterdir()) == []  # no data/ (nor data/raw/) made for nothing, no run
 
 
 # --------------------------------------------------------------------------- real accuracy, 1 epoch

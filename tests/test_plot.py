@@ -4,6 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import main
@@ -102,14 +103,21 @@ def test_a_run_without_stats_draws_nothing_and_exits_1(tmp_path, capsys):
     "damage, message",
     [
         (lambda p: p.write_text("{not json"), "not valid JSON"),
-        (lambda p: p.write_text(json.dumps({"model": "mlp", "params": 1})), "lacks the field epochs"),
+        (lambda p: p.write_text(json.dumps({"model": "mlp", "params": 1})), "the field 'epochs' is missing"),
+        (lambda p: p.write_text("[]"), "not a JSON object"),
+        (lambda p: p.write_text("null"), "not a JSON object"),
+        (lambda p: p.write_text(json.dumps({"model": "mlp", "params": 1, "epochs": 5})), "'epochs' is missing or not"),
+        (
+            lambda p: p.write_text(re.sub(r'"test_acc": ([0-9.e-]+)', r'"test_acc": "\1"', p.read_text())),
+            "epoch row 1 lacks a field or has one that is not a number",
+        ),
     ],
 )
 def test_a_broken_stats_file_is_named_and_the_rest_still_drawn(run_copy, capsys, damage, message):
     damage(run_copy / "mlp" / "stats.json")
     assert plot.main([str(run_copy)]) == 0
     err = capsys.readouterr().err
-    assert f"{run_copy / 'mlp' / 'stats.json'}: {message}" in err
+    assert f"error: {run_copy / 'mlp' / 'stats.json'}: " in err and message in err and err.count("\n") == 1
     assert (run_copy / "plots" / "lenet5_curves.png").exists() and not (run_copy / "plots" / "mlp_curves.png").exists()
 
 
@@ -120,3 +128,104 @@ def test_a_model_without_best_pt_still_gets_its_curves(run_copy, capsys):
     assert (run_copy / "plots" / "lenet5_curves.png").exists()
     assert not (run_copy / "plots" / "lenet5_confusion.png").exists()
     assert (run_copy / "plots" / "mlp_confusion.png").exists()
+
+
+def saved_titles(monkeypatch):
+    """{file name: the titles on its axes} of every figure plot.py saves."""
+    titles, real_save = {}, plot.save
+
+    def save_and_record(fig, path):
+        titles[path.name] = [ax.get_title() for ax in fig.axes if ax.get_title()]
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plot, "save", save_and_record)
+    return titles
+
+
+def test_figures_name_the_checkpoint_they_show(run_copy, trained_run, tmp_path, monkeypatch):
+    titles = saved_titles(monkeypatch)
+    assert plot.main([str(run_copy)]) == 0
+    best = torch.load(run_copy / "lenet5/best.pt", weights_only=True)
+    note = f"best.pt: epoch {best['epoch']}, test accuracy {best['test_acc']:.2%}"
+    assert titles["lenet5_confusion.png"] == [f"lenet5: test confusion matrix\n{note}"]
+    wrong = round((1 - best["test_acc"]) * 300)  # the run tests on 300 images
+    count = f"all {wrong}" if wrong <= 64 else f"the first 64 of {wrong}"
+    assert titles["lenet5_misclassified.png"] == [
+        f"lenet5: misclassified test digits (true→predicted), {count}\n{note}"
+    ]
+
+    seeds = shutil.copytree(trained_run / "seeds", tmp_path / "seeds")
+    assert plot.main([str(seeds)]) == 0
+    bests = [torch.load(seeds / f"mlp/seed{s}/best.pt", weights_only=True) for s in (0, 1)]
+    assert titles["mlp_confusion.png"][0].endswith(
+        f"best.pt of 2 seeds: epochs {bests[0]['epoch']}, {bests[1]['epoch']}, test accuracy "
+        + plot.mean_std([b["test_acc"] for b in bests])
+    )
+
+
+def test_a_grid_of_every_error_says_all(run_copy, monkeypatch):
+    titles = saved_titles(monkeypatch)
+    monkeypatch.setattr(plot, "MAX_MISCLASSIFIED", 10_000)
+    assert plot.main([str(run_copy)]) == 0
+    assert "), all " in titles["mlp_misclassified.png"][0]
+
+
+def test_show_opens_each_figure_whole(run_copy, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    shown = {}
+    monkeypatch.setattr(plt, "show", lambda: shown.update({n: plt.figure(n) for n in plt.get_figlabels()}))
+    assert plot.main([str(run_copy), "--show"]) == 0
+    assert len(shown) == 1 + 3 * 3  # comparison, and per model curves, confusion and misclassified
+    for name, fig in shown.items():
+        with Image.open(run_copy / "plots" / name) as image:
+            assert tuple(round(v) for v in fig.get_size_inches() * fig.dpi) == image.size
+    plt.close("all")
+
+
+def test_a_corrupt_or_foreign_best_pt_is_named_and_the_rest_drawn(run_copy, capsys):
+    (run_copy / "lenet5/best.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    torch.save({"epoch": 1, "name": "resnet", "kwargs": {}, "model": {}}, run_copy / "mlp/best.pt")
+    assert plot.main([str(run_copy)]) == 0
+    err = capsys.readouterr().err
+    assert f"{run_copy / 'lenet5/best.pt'}: not a readable checkpoint" in err
+    assert f"{run_copy / 'mlp/best.pt'}: not a checkpoint of a known model" in err
+    assert (run_copy / "plots/lenet5_reg_confusion.png").exists() and "Traceback" not in err
+
+
+@pytest.mark.parametrize("config", ["[]", '{"data_dir": 3}', "{"])
+def test_a_config_of_the_wrong_shape_still_gives_the_curves(run_copy, capsys, config):
+    (run_copy / "config.json").write_text(config)
+    assert plot.main([str(run_copy)]) == 0
+    err = capsys.readouterr().err
+    assert f"{run_copy / 'config.json'}: not" in err and "no confusion matrices" in err
+    assert (run_copy / "plots/lenet5_curves.png").exists()
+
+
+def test_report_is_utf8_and_latest_may_be_a_text_file(trained_run, tmp_path):
+    runs_dir = tmp_path / "runs"
+    shutil.copytree(trained_run / "seeds", runs_dir / "seeds")
+    (runs_dir / "latest").write_text("seeds\n")  # what main.py writes where symlinks are refused
+    assert plot.main([str(runs_dir / "latest")]) == 0
+    assert "±" in (runs_dir / "seeds/report.md").read_bytes().decode("utf-8")
+
+
+def test_run_names_in_any_script_are_drawn_with_a_font_that_has_them_or_named_in_a_warning(
+    trained_run, tmp_path, monkeypatch, capsys
+):
+    a = shutil.copytree(trained_run / "tiny", tmp_path / "𝒜 run")  # STIX, shipped with matplotlib, has 𝒜
+    b = shutil.copytree(trained_run / "seeds", tmp_path / "실험")  # no Hangul font on this machine
+    legends, real_save = {}, plot.save
+
+    def save_and_record(fig, path):
+        if legend := fig.axes[0].get_legend():
+            legends[path.name] = [(t.get_text(), t.get_fontfamily()) for t in legend.get_texts()]
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plot, "save", save_and_record)
+    assert plot.main([str(a), str(b)]) == 0
+    texts = dict(legends["comparison.png"])
+    assert texts["𝒜 run: lenet5"][:2] == ["DejaVu Sans", "STIXGeneral"]
+    assert "??: mlp" in texts
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "no installed font has '실험'" in err
