@@ -186,7 +186,9 @@ def cuda_gpu_problem():
         return None
     if torch.version.cuda is None:
         return "an NVIDIA GPU is installed, but this torch is a CPU-only build"
-    return f"an NVIDIA GPU is installed, but this torch (for CUDA {torch.version.cuda}) cannot use it (an older driver?)"
+    return (
+        f"an NVIDIA GPU is installed, but this torch (for CUDA {torch.version.cuda}) cannot use it (an older driver?)"
+    )
 
 
 def cpu_name():

@@ -171,18 +171,11 @@ def plot_comparison(runs_, out, unavailable=frozenset()):
 
 def predict(folder, test_set):
     """(predictions on the test set, best.pt) of a model folder; None if it has no usable best.pt."""
-    path = folder / "best.pt"
     try:
-        best = runs.load_checkpoint(path)
-        model = MODELS[best["name"]](**best["kwargs"])
-        model.load_state_dict(best["model"])
+        model, best = runs.load_model(folder / "best.pt")
     except RunError as e:
         warn(f"{e}, so no confusion matrix or misclassified digits for {folder}")
         return None
-    except (RuntimeError, KeyError, TypeError, ValueError) as e:
-        warn(f"{path}: not a checkpoint of a known model ({e})")
-        return None
-    model.eval()
     with torch.inference_mode():
         loader = batch_loader(test_set, TEST_BATCH_SIZE)
         return torch.cat([model(images).argmax(1) for images, _ in loader]), best

@@ -197,6 +197,18 @@ def load_checkpoint(path, device="cpu"):
     return checkpoint
 
 
+def load_model(path):
+    """The model a best.pt holds, in eval mode on the CPU, and the checkpoint; RunError if it is not one."""
+    best = load_checkpoint(path)
+    try:
+        model = MODELS[best["name"]](**best["kwargs"])
+        model.load_state_dict(best["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"{path}: not a checkpoint of a known model ({reason})") from None
+    return model.eval(), best
+
+
 # --------------------------------------------------------------------------- what a run says at the end
 
 

@@ -82,6 +82,14 @@ def mnist_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def one_epoch_run(mnist_dir, tmp_path_factory):
+    """A real run: one epoch of every model on the whole training set (main.py's defaults otherwise)."""
+    out = tmp_path_factory.mktemp("runs")
+    assert run_main(mnist_dir, out, "--epochs", "1", "--device", "cpu") == 0
+    return out / "run"
+
+
 def run_main(data_dir, out_dir, *extra, name="run"):
     """``python main.py`` on these folders, quietly, in run ``name``; returns the exit code."""
     argv = ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--run-name", name, "--quiet", *extra]

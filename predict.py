@@ -1,0 +1,309 @@
+"""The trained models on your own digits: a photo of a page, a scan, a drawing.
+
+    python predict.py seven.jpg                       # every model of runs/latest
+    python predict.py a.png b.jpg --model lenet5 --json
+    python predict.py seven.jpg --view views          # also save the 28x28 image the models were given
+    python predict.py --serve                         # a page to draw on, at http://127.0.0.1:8000
+
+MNIST's digits are white on black, fitted into a 20x20 box (aspect ratio kept,
+anti-aliased) and centred by their centre of mass in a 28x28 field. A photo of
+ink on paper is none of that, so ``to_mnist`` first makes any image look like
+them; the command line and the page share it.
+"""
+
+import argparse
+import functools
+import http.server
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+import runs
+from dataset import normalize, safe_console, to_unit
+from model import MODELS
+from runs import RunError
+
+MAX_PIXELS = 50_000_000  # a 50-megapixel photo; anything claiming more is refused before decoding
+WORK_SIDE = 512  # larger images are shrunk to this before the pixel work: a digit needs no more
+BOX, FIELD = 20, 28  # MNIST: the digit's longer side, and the image around it
+MAX_BODY = 2_000_000  # bytes of one image sent to the page's endpoint
+PAGE = Path(__file__).with_name("predict.html")
+
+
+class ImageInputError(Exception):
+    """An image that cannot be read, or holds no digit; the message says which and why."""
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def open_image(data):
+    """Decode image bytes to a grayscale PIL image: turned upright as the camera saw it,
+    transparency composited on white (a drawing's empty canvas is white paper)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_PIXELS:  # checked before any pixel is decoded
+                raise ImageInputError(f"{image.width}x{image.height} pixels is more than {MAX_PIXELS:,}")
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                image = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
+            return image.convert("L")
+    except Image.DecompressionBombError:
+        raise ImageInputError("an absurd pixel count (a decompression bomb)") from None
+    except UnidentifiedImageError:
+        raise ImageInputError("not an image (no format PIL reads)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageInputError(f"a damaged image ({e})") from None
+
+
+def ink_map(gray):
+    """Bright ink on a background of exactly 0, in [0, 1], from a grayscale uint8 array.
+
+    - Polarity: a light border means dark ink on a light page, which is inverted.
+    - Uneven light (a shadow, a gradient): a plane fitted to the background pixels is subtracted.
+    - Noise: what stays within four standard deviations of the background is set to 0, and the
+      ink is stretched to full brightness. The spread is measured below the background's median,
+      where no ink is, so a digit that fills half the image does not inflate it.
+
+    Raises ImageInputError when nothing stands out from the background.
+    """
+    x = gray.astype(np.float32) / 255
+    border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
+    if np.median(border) > 0.5:
+        x = 1 - x
+    h, w = x.shape
+    rows, cols = np.mgrid[0:h, 0:w]
+    design = np.stack([np.ones(h * w), rows.ravel() / h, cols.ravel() / w], 1)
+    flat = x.ravel()
+    background = flat <= np.median(flat)  # to start with: ink covers less than half the image
+    for _ in range(6):  # fit, take the pixels far above the fit for ink, fit again, until that settles
+        coef, *_ = np.linalg.lstsq(design[background], flat[background], rcond=None)
+        residual = flat - design @ coef
+        level, below = np.percentile(residual[background], [50, 15.87])
+        spread = level - below  # the noise's standard deviation, from the paper's side alone: ink lies above
+        settled = background
+        background = residual < level + max(3 * spread, 0.02)
+        if np.array_equal(background, settled):
+            break
+    residual = residual.reshape(h, w) - level
+    floor = max(4 * spread, 0.02)
+    if residual.max() < floor + 0.1:
+        raise ImageInputError("no ink found: the image is empty or blank")
+    top = np.percentile(residual[residual > floor], 99)
+    return np.clip((residual - floor) / max(top - floor, 1e-6), 0, 1)
+
+
+def ink_box(ink):
+    """(top, bottom, left, right) of the ink, ignoring specks: pixels with fewer than two inked neighbours."""
+    mask = ink > 0
+    padded = np.pad(mask, 1)
+    neighbours = sum(
+        padded[1 + dy : 1 + dy + mask.shape[0], 1 + dx : 1 + dx + mask.shape[1]]
+        for dy in (-1, 0, 1)
+        for dx in (-1, 0, 1)
+        if dy or dx
+    )
+    rows, cols = np.nonzero(mask & (neighbours >= 2))
+    if len(rows) == 0:
+        raise ImageInputError("no ink found: only specks stand out from the background")
+    return rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+
+
+def to_mnist(image):
+    """A PIL image of a digit as MNIST would have made it: (normalized tensor (1, 1, 28, 28), uint8 28x28 view).
+
+    Any size and format PIL reads, colour or grayscale, either polarity, the digit anywhere:
+    crop to the ink, fit the longer side into 20 pixels keeping the aspect ratio (anti-aliased),
+    then place it in 28x28 with its centre of mass at the centre, and normalize as in training.
+    An MNIST digit comes through nearly unchanged.
+    """
+    image = image.convert("L")
+    if max(image.size) > WORK_SIDE:
+        image = image.copy()
+        image.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.LANCZOS)
+    ink = ink_map(np.asarray(image))
+    top, bottom, left, right = ink_box(ink)
+    crop = Image.fromarray(np.round(ink[top:bottom, left:right] * 255).astype(np.uint8))
+    scale = BOX / max(crop.size)
+    size = (max(1, int(crop.width * scale + 0.5)), max(1, int(crop.height * scale + 0.5)))
+    digit = np.asarray(crop.resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
+    mass = digit.sum()
+    centre_y = (digit.sum(1) * np.arange(digit.shape[0])).sum() / mass
+    centre_x = (digit.sum(0) * np.arange(digit.shape[1])).sum() / mass
+    field = np.zeros((FIELD, FIELD), np.float32)
+    y0, x0 = round(FIELD / 2 - centre_y), round(FIELD / 2 - centre_x)  # MNIST's centre of mass is at (14, 14)
+    ys, xs = slice(max(y0, 0), min(y0 + digit.shape[0], FIELD)), slice(max(x0, 0), min(x0 + digit.shape[1], FIELD))
+    field[ys, xs] = digit[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
+    view = np.clip(np.round(field), 0, 255).astype(np.uint8)
+    return normalize(to_unit(torch.from_numpy(view)[None])), view
+
+
+# --------------------------------------------------------------------------- models
+
+
+def load_models(run, names=None):
+    """{model name: [model per seed]} from the best.pt files of a run; RunError naming what is wrong."""
+    run_dir = runs.find_run(run)
+    if not run_dir.is_dir():
+        raise RunError(f"{run}: no such run folder; train first: python main.py")
+    models = {}
+    for path in sorted(run_dir.glob("*/best.pt")) + sorted(run_dir.glob("*/seed*/best.pt")):
+        model, best = runs.load_model(path)
+        models.setdefault(best["name"], []).append(model)
+    if names:
+        missing = [name for name in names if name not in models]
+        if missing:
+            raise RunError(f"{run_dir}: holds no best.pt of {', '.join(missing)}")
+        models = {name: models[name] for name in names}
+    if not models:
+        raise RunError(f"{run_dir}: no best.pt in its model folders; train first: python main.py")
+    order = list(MODELS)
+    return dict(sorted(models.items(), key=lambda item: order.index(item[0])))
+
+
+@torch.inference_mode()
+def classify(models, image):
+    """{model name: ten probabilities}, averaged over a model's seeds, for one normalized image."""
+    return {
+        name: torch.stack([m(image).softmax(1)[0] for m in seeds]).mean(0).tolist() for name, seeds in models.items()
+    }
+
+
+def answer(models, data):
+    """What the command line and the page say of one image's bytes: ({name: {digit, probs}}, view)."""
+    image, view = to_mnist(open_image(data))
+    probs = classify(models, image)
+    return {name: {"digit": int(np.argmax(p)), "probs": p} for name, p in probs.items()}, view
+
+
+def describe(result):
+    digit, probs = result["digit"], result["probs"]
+    top = sorted(range(10), key=lambda d: -probs[d])[:3]
+    return f"{digit}  ({', '.join(f'{d}: {probs[d]:.1%}' for d in top)})"
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def make_server(models, host="127.0.0.1", port=8000):
+    """A ThreadingHTTPServer with one page (GET /) and one endpoint (POST /predict, an image as the body)."""
+    return http.server.ThreadingHTTPServer((host, port), functools.partial(Handler, models))
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def __init__(self, models, *args, **kwargs):
+        self.models = models
+        super().__init__(*args, **kwargs)
+
+    def log_message(self, format, *args):  # one line per bad request is enough, see reply()
+        pass
+
+    def reply(self, status, body, kind="application/json"):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        if status >= 400:
+            print(f"{self.command} {self.path}: {status} {body.get('error')}", file=sys.stderr)
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path not in ("/", "/index.html"):
+            return self.reply(404, {"error": f"no page {self.path}; the page is /"})
+        self.reply(200, PAGE.read_bytes(), "text/html; charset=utf-8")
+
+    def do_POST(self):
+        if self.path != "/predict":
+            return self.reply(404, {"error": f"no endpoint {self.path}; POST an image to /predict"})
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            self.close_connection = True
+            return self.reply(411, {"error": "the request needs a Content-Length"})
+        if length > MAX_BODY:
+            self.close_connection = True  # the body is never read
+            return self.reply(413, {"error": f"the image is {length:,} bytes, more than {MAX_BODY:,}"})
+        try:
+            models, view = answer(self.models, self.rfile.read(length))
+        except ImageInputError as e:
+            return self.reply(422 if "no ink" in str(e) else 400, {"error": str(e)})
+        self.reply(200, {"models": models, "view": view.tolist()})
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def predict_files(models, paths, as_json=False, view_dir=None):
+    """Answer each image; a failure is one line naming the file and the others are still answered.
+    Returns the number of images that failed."""
+    failed = 0
+    for path in paths:
+        try:
+            results, view = answer(models, path.read_bytes())
+        except (ImageInputError, OSError) as e:
+            failed += 1
+            reason = e.strerror if isinstance(e, OSError) else str(e)
+            if as_json:
+                print(json.dumps({"image": str(path), "error": reason}))
+            else:
+                print(f"error: {path}: {reason}; nothing predicted", file=sys.stderr)
+            continue
+        if view_dir is not None:
+            view_dir.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(view).save(view_dir / f"{path.stem}.png")
+        if as_json:
+            print(json.dumps({"image": str(path), "models": results}))
+        else:
+            print(path)
+            for name, result in results.items():
+                print(f"  {name:<10}  {describe(result)}")
+    return failed
+
+
+def main(argv=()):
+    """The command line; the exit code is 1 when any image (or the run) failed."""
+    p = argparse.ArgumentParser(
+        prog="predict.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("images", nargs="*", type=Path, help="image files (PNG, JPEG, any format PIL reads)")
+    p.add_argument("--run", type=Path, default=Path("runs") / runs.LATEST, help="run folder (default: runs/latest)")
+    p.add_argument("--model", help=f"comma list of {', '.join(MODELS)} (default: every model the run has)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line and image")
+    p.add_argument("--view", type=Path, metavar="DIR", help="write the 28x28 image the models were given to DIR")
+    p.add_argument("--serve", action="store_true", help="serve the drawing page instead")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to serve on (default: 8000)")
+    args = p.parse_args(list(argv))
+    if not args.images and not args.serve:
+        p.error("name at least one image, or --serve")
+    try:
+        models = load_models(args.run, args.model and [n.strip() for n in args.model.split(",")])
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not args.serve:
+        return 1 if predict_files(models, args.images, args.json, args.view) else 0
+    try:
+        server = make_server(models, args.host, args.port)
+    except OSError as e:
+        print(f"error: {args.host}:{args.port}: cannot serve there ({e.strerror})", file=sys.stderr)
+        return 1
+    print(f"drawing page at http://{args.host}:{server.server_port} (Ctrl-C stops it)", flush=True)
+    with server:
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    safe_console()
+    sys.exit(main(sys.argv[1:]))

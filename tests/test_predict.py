@@ -1,0 +1,317 @@
+"""predict.py: MNIST's preprocessing for any image, the command line, the endpoint, and the page in a real browser."""
+
+import io
+import json
+import os
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_dataset import bomb_png
+
+import dataset
+import predict
+import runs
+from model import LeNet5
+from predict import ImageInputError
+
+
+def png(array, mode=None):
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(array, dtype=np.uint8), mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def centre_of_mass(view):
+    view = view.astype(float)
+    return (view.sum(1) * np.arange(28)).sum() / view.sum(), (view.sum(0) * np.arange(28)).sum() / view.sum()
+
+
+def ink_extent(view):
+    rows, cols = np.nonzero(view > 0)
+    return rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+
+
+@pytest.fixture(scope="module")
+def test_digits(mnist_dir):
+    """(uint8 images, labels) of the real test split."""
+    split = dataset.MNIST(mnist_dir / "test.tar")
+    return split.images.numpy(), split.labels.numpy()
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def test_dark_ink_on_a_light_uneven_page_gives_the_same_digit_as_mnist(test_digits):
+    digit = test_digits[0][0]
+    _, plain = predict.to_mnist(Image.fromarray(digit))
+    page = np.full((120, 100), 220.0) + np.linspace(-25, 25, 100)[None, :]  # light, unevenly lit
+    page[30:86, 20:76] -= np.asarray(Image.fromarray(digit).resize((56, 56), Image.Resampling.LANCZOS)) * 0.7
+    _, photographed = predict.to_mnist(Image.fromarray(np.clip(page, 0, 255).astype(np.uint8)))
+    assert np.abs(plain.astype(int) - photographed.astype(int)).mean() < 8  # of 255, per pixel
+    assert ink_extent(photographed) == ink_extent(plain)
+
+
+def test_the_ink_is_cropped_fitted_into_20_pixels_keeping_its_aspect_and_centred_by_mass():
+    canvas = np.zeros((300, 400), np.uint8)
+    canvas[40:140, 300:320] = 255  # a bar 100 tall and 20 wide, far from the centre
+    _, view = predict.to_mnist(Image.fromarray(canvas))
+    assert ink_extent(view) == (20, 4)
+    assert centre_of_mass(view) == pytest.approx((14, 14), abs=0.5)
+    wide = np.zeros((50, 50), np.uint8)
+    wide[10:14, 3:43] = 255  # 40 wide, 4 tall: the longer side is the width
+    assert ink_extent(predict.to_mnist(Image.fromarray(wide))[1]) == (2, 20)
+
+
+def test_an_mnist_digit_passes_through_nearly_unchanged(test_digits):
+    images, _ = test_digits
+    for digit in images[:50]:
+        tensor, view = predict.to_mnist(Image.fromarray(digit))
+        assert np.abs(view.astype(int) - digit.astype(int)).mean() < 6
+        assert tensor.shape == (1, 1, 28, 28)
+        assert torch.allclose(tensor, dataset.normalize(dataset.to_unit(torch.from_numpy(view)[None])))
+
+
+def test_transparency_is_paper_and_colour_is_read_as_grey():
+    rgba = np.zeros((60, 60, 4), np.uint8)  # a transparent canvas
+    rgba[10:50, 28:33] = (200, 30, 30, 255)  # an opaque red stroke
+    image = predict.open_image(png(rgba, "RGBA"))
+    assert image.mode == "L" and image.getpixel((0, 0)) == 255
+    assert ink_extent(predict.to_mnist(image)[1]) == (20, 3)
+
+
+@pytest.mark.parametrize("noise", [0, 12])
+def test_a_blank_image_holds_no_digit(noise):
+    page = np.full((80, 80), 230.0) + np.random.default_rng(0).normal(0, noise, (80, 80))
+    with pytest.raises(ImageInputError, match="no ink found"):
+        predict.to_mnist(Image.fromarray(np.clip(page, 0, 255).astype(np.uint8)))
+
+
+# --------------------------------------------------------------------------- accuracy on real digits
+
+
+def test_the_test_pngs_through_the_preprocessing_score_as_main_py_reported(one_epoch_run, mnist_dir):
+    model, best = runs.load_model(one_epoch_run / "lenet5/best.pt")
+    images, labels = [], []
+    for name, data in dataset._iter_tar(mnist_dir / "test.tar"):
+        images.append(predict.to_mnist(predict.open_image(data))[0])
+        labels.append(int(Path(name).stem.split("_")[1]))
+    with torch.inference_mode():
+        predicted = torch.cat([model(batch).argmax(1) for batch in torch.cat(images).split(1000)])
+    accuracy = (predicted == torch.tensor(labels)).float().mean().item()
+    assert len(labels) == 10_000 and abs(accuracy - best["test_acc"]) <= 0.003
+
+
+def photographed(digit, rng):
+    """An MNIST digit re-drawn as dark ink on a light, noisy, unevenly lit page, saved as a JPEG."""
+    side = int(rng.integers(60, 201))
+    height, width = side, int(side * rng.uniform(0.75, 1.33))
+    size = max(2, int(height * rng.uniform(0.3, 0.8) * 28 / 20))  # the digit's 20 rows take 30-80% of the page
+    ink = np.asarray(Image.fromarray(digit).resize((size, size), Image.Resampling.LANCZOS), np.float32) / 255
+    page = rng.uniform(170, 235) + rng.uniform(-20, 20) * np.linspace(-1, 1, width)[None, :]
+    page = page + rng.normal(0, rng.uniform(2, 8), (height, width))
+    top, left = rng.integers(0, max(1, height - size + 1)), rng.integers(0, max(1, width - size + 1))
+    patch = page[top : top + size, left : left + size]
+    patch -= ink[: patch.shape[0], : patch.shape[1]] * rng.uniform(120, 170)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(page, 0, 255).astype(np.uint8)).convert("RGB").save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def test_photographed_pages_lose_at_most_a_point_of_accuracy(one_epoch_run, test_digits):
+    images, labels = test_digits
+    model, _ = runs.load_model(one_epoch_run / "lenet5/best.pt")
+    rng = np.random.default_rng(0)
+    chosen = rng.choice(len(labels), 400, replace=False)
+    pages = [predict.to_mnist(predict.open_image(photographed(images[i], rng)))[0] for i in chosen]
+    plain = dataset.normalize(dataset.to_unit(torch.from_numpy(images[chosen])))
+    with torch.inference_mode():
+        page_acc = (model(torch.cat(pages)).argmax(1).numpy() == labels[chosen]).mean()
+        plain_acc = (model(plain).argmax(1).numpy() == labels[chosen]).mean()
+    assert plain_acc > 0.95 and page_acc >= plain_acc - 0.01
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+@pytest.fixture
+def images(tmp_path, test_digits):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    digits, labels = test_digits
+    (folder / "seven.png").write_bytes(png(digits[0]))  # a 7
+    (folder / "photo.jpg").write_bytes(photographed(digits[1], np.random.default_rng(1)))  # a 2
+    (folder / "blank.png").write_bytes(png(np.full((40, 40), 255)))
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("not an image")
+    (folder / "bomb.png").write_bytes(bomb_png())
+    assert (labels[0], labels[1]) == (7, 2)
+    return folder
+
+
+def test_each_image_gets_each_models_digit_and_top_three(one_epoch_run, images, capsys):
+    files = [images / "seven.png", images / "photo.jpg"]
+    assert predict.main([*map(str, files), "--run", str(one_epoch_run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(files[0]) and lines[4] == str(files[1])
+    for line, name, digit in zip(lines[1:4] + lines[5:8], ["lenet5", "mlp", "lenet5_reg"] * 2, [7] * 3 + [2] * 3):
+        assert line.split()[:2] == [name, str(digit)] and line.count("%") == 3
+
+
+def test_json_gives_ten_probabilities_per_model_and_view_writes_what_the_models_saw(
+    one_epoch_run, images, tmp_path, capsys
+):
+    argv = [str(images / "seven.png"), str(images / "blank.png"), "--run", str(one_epoch_run), "--model", "lenet5"]
+    assert predict.main([*argv, "--json", "--view", str(tmp_path / "views")]) == 1
+    good, bad = map(json.loads, capsys.readouterr().out.splitlines())
+    assert good["image"] == str(images / "seven.png") and list(good["models"]) == ["lenet5"]
+    assert good["models"]["lenet5"]["digit"] == 7 and len(good["models"]["lenet5"]["probs"]) == 10
+    assert sum(good["models"]["lenet5"]["probs"]) == pytest.approx(1, abs=1e-5)
+    assert bad == {"image": str(images / "blank.png"), "error": "no ink found: the image is empty or blank"}
+    with Image.open(tmp_path / "views/seven.png") as view:
+        assert view.size == (28, 28) and view.mode == "L"
+
+
+def test_several_seeds_of_a_model_are_averaged(one_epoch_run, images, tmp_path):
+    run = tmp_path / "seeds"
+    for seed in (0, 1):
+        (run / "lenet5" / f"seed{seed}").mkdir(parents=True)
+    shutil.copy(one_epoch_run / "lenet5/best.pt", run / "lenet5/seed0/best.pt")
+    best = torch.load(one_epoch_run / "lenet5/best.pt", weights_only=True)
+    torch.manual_seed(1)
+    torch.save({**best, "model": LeNet5().state_dict()}, run / "lenet5/seed1/best.pt")  # a seed that answers otherwise
+    models = predict.load_models(run)
+    assert list(models) == ["lenet5"] and len(models["lenet5"]) == 2
+    image, _ = predict.to_mnist(Image.open(images / "seven.png"))
+    each = [predict.classify({"lenet5": [model]}, image)["lenet5"] for model in models["lenet5"]]
+    assert each[0] != pytest.approx(each[1])
+    assert predict.classify(models, image)["lenet5"] == pytest.approx([(a + b) / 2 for a, b in zip(*each)])
+
+
+def test_bad_images_are_one_line_each_and_the_others_still_answered(one_epoch_run, images, capsys):
+    names = ["notes.png", "empty.png", "seven.png", "blank.png", "bomb.png", "missing.png"]
+    assert predict.main([*(str(images / n) for n in names), "--run", str(one_epoch_run)]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == str(images / "seven.png")
+    reasons = {
+        "notes.png": "not an image",
+        "empty.png": "not an image",
+        "blank.png": "no ink found",
+        "bomb.png": "an absurd pixel count",
+        "missing.png": "No such file or directory",
+    }
+    lines = err.splitlines()
+    assert len(lines) == len(reasons) and "Traceback" not in err
+    for line, (name, reason) in zip(lines, reasons.items()):
+        assert line.startswith(f"error: {images / name}: {reason}") and line.endswith("; nothing predicted")
+
+
+def test_a_run_without_checkpoints_or_with_an_unknown_model_is_one_line(one_epoch_run, images, tmp_path, capsys):
+    (tmp_path / "empty_run/lenet5").mkdir(parents=True)
+    foreign = tmp_path / "foreign_run/resnet"
+    foreign.mkdir(parents=True)
+    torch.save({"epoch": 1, "name": "resnet", "kwargs": {}, "model": {}}, foreign / "best.pt")
+    cases = {
+        tmp_path / "empty_run": "no best.pt in its model folders; train first: python main.py",
+        tmp_path / "foreign_run": f"{foreign / 'best.pt'}: not a checkpoint of a known model",
+        tmp_path / "nowhere": "no such run folder",
+    }
+    for run, message in cases.items():
+        assert predict.main([str(images / "seven.png"), "--run", str(run)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- the endpoint
+
+
+@pytest.fixture(scope="module")
+def server(one_epoch_run):
+    """The page's server on a free loopback port, with every model of the one-epoch run."""
+    httpd = predict.make_server(predict.load_models(one_epoch_run), "127.0.0.1", 0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def request(url, body=None, method=None):
+    """(status, decoded JSON or text) of one request; error statuses are answers too."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, method=method), timeout=30) as response:
+            status, data, kind = response.status, response.read(), response.headers["Content-Type"]
+    except urllib.error.HTTPError as e:
+        status, data, kind = e.code, e.read(), e.headers["Content-Type"]
+    return status, json.loads(data) if kind == "application/json" else data.decode()
+
+
+def test_the_endpoint_answers_images_and_refuses_the_rest_in_one_line(server, test_digits):
+    seven = png(test_digits[0][0])
+    bad = {
+        "too large": (b"\0" * (predict.MAX_BODY + 1), 413, "more than"),
+        "not an image": (b"hello", 400, "not an image"),
+        "blank": (png(np.full((50, 50), 255)), 422, "no ink found"),
+    }
+    for body, status, reason in bad.values():
+        got, answer = request(f"{server}/predict", body)
+        assert got == status and reason in answer["error"] and "\n" not in answer["error"]
+        assert request(f"{server}/predict", seven)[0] == 200  # still serving
+    assert request(f"{server}/elsewhere")[0] == 404 and request(f"{server}/predict", method="GET")[0] == 404
+    status, answer = request(f"{server}/predict", seven)
+    assert status == 200 and set(answer["models"]) == {"lenet5", "mlp", "lenet5_reg"}
+    assert answer["models"]["lenet5"]["digit"] == 7 and len(answer["models"]["lenet5"]["probs"]) == 10
+    assert np.array(answer["view"]).shape == (28, 28)
+    status, page = request(server)
+    assert status == 200 and "<canvas" in page
+
+
+# --------------------------------------------------------------------------- the page, in a real browser
+
+
+def chromium():
+    """Debian's Chromium (apt-get install chromium); .ci/run installs it, so CI never goes without."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI needs Chromium for the browser test: apt-get install chromium")
+        pytest.skip("no Chromium on this machine: apt-get install chromium")
+    return path
+
+
+SEVEN = [[(60, 60), (220, 60), (120, 240)]]  # the top bar and the stem, in pad pixels (280x280)
+ZERO = [[(140 + 60 * np.sin(t), 140 - 95 * np.cos(t)) for t in np.linspace(0, 2 * np.pi, 40)]]
+
+
+def test_drawing_on_the_page_shows_each_models_digit(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium(), args=flags)
+        page = browser.new_page(viewport={"width": 900, "height": 620})
+        page.goto(server)
+        box = page.locator("#pad").bounding_box()
+        for strokes, digit in [(SEVEN, 7), (ZERO, 0)]:
+            page.click("#clear")
+            for stroke in strokes:
+                page.mouse.move(box["x"] + stroke[0][0], box["y"] + stroke[0][1])
+                page.mouse.down()
+                for x, y in stroke[1:]:
+                    page.mouse.move(box["x"] + x, box["y"] + y, steps=8)
+                page.mouse.up()
+            page.wait_for_function(
+                f"document.querySelector('#lenet5 .digit')?.textContent === '{digit}'", timeout=20_000
+            )
+            assert page.locator(".model").count() == 3 and page.locator("#lenet5 .bar").count() == 10
+        screenshot = Path(os.environ.get("PREDICT_SCREENSHOT", tmp_path / "page.png"))
+        page.screenshot(path=screenshot)
+        browser.close()
+    with Image.open(screenshot) as shot:
+        assert shot.size == (900, 620)
