@@ -9,14 +9,17 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, epochs_without_time, run_main, tiny_idx_dir
+from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dataset
 import main
 import plot
+import predict
 import runs
 
 TINY = ("--train-limit", "200", "--test-limit", "100", "--device", "cpu")
@@ -67,6 +70,10 @@ def test_training_resume_and_plot_work_without_symlinks_or_chmod_on_descriptors(
             tmp_path / "whole" / name / "stats.json"
         )
     assert plot.main([str(latest)]) == 0 and (tmp_path / "cut/plots/lenet5_confusion.png").is_file()
+    stroke = np.zeros((40, 40), np.uint8)
+    stroke[5:35, 18:22] = 255
+    Image.fromarray(stroke).save(tmp_path / "one.png")
+    assert predict.main([str(tmp_path / "one.png"), "--run", str(latest)]) == 0
 
 
 def test_a_rename_onto_a_file_held_open_is_retried_then_reported_in_one_line(tmp_path, monkeypatch, capsys):
@@ -193,7 +200,7 @@ def test_importing_and_running_the_scripts_leaves_backend_and_signal_handlers_as
         state = lambda: (matplotlib.get_backend(), signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
         before = state()
         sys.path.insert(0, {str(ROOT)!r})
-        import dataset, model, main, plot
+        import dataset, model, main, plot, predict
         assert state() == before, ("import", before, state())
         common = ["--data-dir", {str(mnist_dir)!r}, "--out-dir", {str(tmp_path)!r}, "--quiet"]
         assert main.main([*common, *{list(TINY)!r}, "--model", "mlp", "--epochs", "1"]) == 0
