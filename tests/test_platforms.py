@@ -189,6 +189,19 @@ def test_an_epoch_of_every_model_uses_no_float64(mnist_dir, tmp_path):
     assert all(len(json.loads(p.read_text())["epochs"]) == 1 for p in tmp_path.glob("run/*/stats.json"))
 
 
+def test_an_operation_the_device_lacks_is_one_line(mnist_dir, tmp_path, monkeypatch, capsys):
+    def train_on_a_device_without_max_pool(*args, **kwargs):
+        raise NotImplementedError(
+            "The operator 'aten::max_pool2d_with_indices' is not currently implemented for the MPS device.\n"
+            "As a temporary fix, you can set the environment variable PYTORCH_ENABLE_MPS_FALLBACK=1"
+        )
+
+    monkeypatch.setattr(main, "train", train_on_a_device_without_max_pool)
+    assert run_main(mnist_dir, tmp_path, *TINY, "--model", "lenet5", "--epochs", "1") == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not currently implemented for the MPS device" in err and "--device cpu" in err
+
+
 # --------------------------------------------------------------------------- notebooks
 
 
