@@ -153,7 +153,7 @@ def pick_device(name):
             return torch.device("cuda")
         if problem is not None:
             print(
-                f"note: {problem}; training on the CPU. The README's 'Older GPUs' says what to install.",
+                f"note: {problem}; training on the CPU. docs/platforms.md says what to install.",
                 file=sys.stderr,
             )
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
