@@ -429,7 +429,8 @@ def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     if args.resume is not None:
-        changed = sorted(given_options(argv) - RESUME_OPTIONS)
+        given = given_options(argv)
+        changed = sorted(given - RESUME_OPTIONS)
         if changed:
             flag = "--" + changed[0].replace("_", "-")
             p.error(
@@ -442,7 +443,7 @@ def parse_args(argv=None):
             p.error(f"argument --resume: {e}")
         if not (args.resume / "config.json").is_file():
             p.error(f"argument --resume: {args.resume} is not a run directory (no config.json)")
-        if "data_dir" not in given_options(argv):
+        if "data_dir" not in given:
             args.data_dir = None  # the run's own
     elif args.run_name is not None and (args.out_dir / args.run_name).exists():
         where = args.out_dir / args.run_name

@@ -86,9 +86,7 @@ def point_latest(run_dir):
         os.replace(tmp, link)
     except (OSError, NotImplementedError):
         tmp.unlink(missing_ok=True)
-        if link.is_symlink() or link.is_dir():
-            link.unlink()  # a link left by another system: the text file takes its place
-        write_text(link, run_dir.name + "\n")
+        write_text(link, run_dir.name + "\n")  # its rename replaces a symlink left there, as it would a file
 
 
 def find_run(path):
