@@ -6,8 +6,10 @@ import gzip
 import io
 import json
 import os
+import struct
 import sys
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,16 @@ def png_bytes(pixels, mode="L"):
     buf = io.BytesIO()
     Image.fromarray(np.asarray(pixels, dtype=np.uint8), mode=mode).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def bomb_png(side=100_000):
+    """A PNG whose header claims side x side pixels."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def digit(value):
@@ -94,6 +106,20 @@ def run_main(data_dir, out_dir, *extra, name="run"):
     """``python main.py`` on these folders, quietly, in run ``name``; returns the exit code."""
     argv = ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--run-name", name, "--quiet", *extra]
     return main.main(argv)
+
+
+def interrupt_at(call):
+    """A main.train that raises KeyboardInterrupt (Ctrl-C) at its ``call``-th call: monkeypatch it in."""
+    real_train, calls = main.train, 0
+
+    def train(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    return train
 
 
 def epochs_without_time(stats_path):

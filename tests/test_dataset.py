@@ -1,15 +1,13 @@
 import functools
 import gzip
 import http.server
-import struct
 import tarfile
 import threading
-import zlib
 
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_MNIST, digit, make_read_only, make_tar, png_bytes, tiny_idx_dir, write_idx
+from conftest import SHARED_MNIST, bomb_png, digit, make_read_only, make_tar, png_bytes, tiny_idx_dir, write_idx
 from torch.utils.data import BatchSampler, RandomSampler
 
 import dataset
@@ -18,16 +16,6 @@ from dataset import MEAN, MNIST, STD, BatchSlices, DatasetError
 
 def normalized(value):
     return (value / 255 - MEAN) / STD
-
-
-def bomb_png(side=100_000):
-    """A PNG whose header claims side x side pixels."""
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def folder_entry(name):

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, epochs_without_time, run_main, tiny_idx_dir
+from conftest import ROOT, epochs_without_time, interrupt_at, run_main, tiny_idx_dir
 
 import dataset
 import main
@@ -54,17 +54,8 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(mnist_dir, tmp_path, mon
     limits = ("--train-limit", "1000", "--test-limit", "300", "--epochs", "3", "--device", "cpu")
     assert run_main(mnist_dir, tmp_path, *limits, "--model", "lenet5_reg,mlp", name="whole") == 0
 
-    calls = 0
     real_train = main.train
-
-    def train_then_ctrl_c(*args):
-        nonlocal calls
-        calls += 1
-        if calls == 3:  # during lenet5_reg's third epoch
-            raise KeyboardInterrupt
-        return real_train(*args)
-
-    monkeypatch.setattr(main, "train", train_then_ctrl_c)
+    monkeypatch.setattr(main, "train", interrupt_at(3))  # during lenet5_reg's third epoch
     assert run_main(mnist_dir, tmp_path, *limits, "--model", "lenet5_reg,mlp", name="cut") == 130
     assert "--resume" in capsys.readouterr().out
     cut = tmp_path / "cut"

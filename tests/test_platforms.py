@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, epochs_without_time, run_main, tiny_idx_dir
+from conftest import ROOT, epochs_without_time, interrupt_at, run_main, tiny_idx_dir
 from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -51,15 +51,8 @@ def test_training_resume_and_plot_work_without_symlinks_or_chmod_on_descriptors(
 ):
     common = (*TINY, "--model", "mlp,lenet5", "--epochs", "2")
     assert run_main(mnist_dir, tmp_path, *common, name="whole") == 0
-    real_train, calls = main.train, []
-
-    def ctrl_c_at_the_third_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(main, "train", ctrl_c_at_the_third_epoch)
+    real_train = main.train
+    monkeypatch.setattr(main, "train", interrupt_at(3))
     assert run_main(mnist_dir, tmp_path, *common, name="cut") == 130
     monkeypatch.setattr(main, "train", real_train)
     latest = tmp_path / "latest"

@@ -75,20 +75,29 @@ def test_several_seeds_show_mean_and_std(trained_run, tmp_path):
     assert f"{mean:.2f} ± {std:.2f}%" in row
 
 
-def test_several_runs_overlay_in_one_comparison(trained_run, tmp_path, monkeypatch):
-    a = shutil.copytree(trained_run / "tiny", tmp_path / "a")
-    b = shutil.copytree(trained_run / "seeds", tmp_path / "b")
-    legends = {}
-    real_save = plot.save
+def recorded_saves(monkeypatch, record):
+    """{file name: record(figure)} of every figure plot.py saves."""
+    records, real_save = {}, plot.save
 
     def save_and_record(fig, path):
-        legend = fig.axes[0].get_legend()
-        legends[path.name] = [t.get_text() for t in legend.get_texts()] if legend else []
+        records[path.name] = record(fig)
         return real_save(fig, path)
 
     monkeypatch.setattr(plot, "save", save_and_record)
+    return records
+
+
+def legend_texts(fig):
+    legend = fig.axes[0].get_legend()
+    return [(t.get_text(), t.get_fontfamily()) for t in legend.get_texts()] if legend else []
+
+
+def test_several_runs_overlay_in_one_comparison(trained_run, tmp_path, monkeypatch):
+    a = shutil.copytree(trained_run / "tiny", tmp_path / "a")
+    b = shutil.copytree(trained_run / "seeds", tmp_path / "b")
+    legends = recorded_saves(monkeypatch, legend_texts)
     assert plot.main([str(a), str(b)]) == 0
-    assert legends["comparison.png"] == ["a: lenet5", "a: mlp", "a: lenet5_reg", "b: mlp"]
+    assert [text for text, _ in legends["comparison.png"]] == ["a: lenet5", "a: mlp", "a: lenet5_reg", "b: mlp"]
     assert (b / "report.md").is_file()
 
 
@@ -132,14 +141,7 @@ def test_a_model_without_best_pt_still_gets_its_curves(run_copy, capsys):
 
 def saved_titles(monkeypatch):
     """{file name: the titles on its axes} of every figure plot.py saves."""
-    titles, real_save = {}, plot.save
-
-    def save_and_record(fig, path):
-        titles[path.name] = [ax.get_title() for ax in fig.axes if ax.get_title()]
-        return real_save(fig, path)
-
-    monkeypatch.setattr(plot, "save", save_and_record)
-    return titles
+    return recorded_saves(monkeypatch, lambda fig: [ax.get_title() for ax in fig.axes if ax.get_title()])
 
 
 def test_figures_name_the_checkpoint_they_show(run_copy, trained_run, tmp_path, monkeypatch):
@@ -215,14 +217,7 @@ def test_run_names_in_any_script_are_drawn_with_a_font_that_has_them_or_named_in
 ):
     a = shutil.copytree(trained_run / "tiny", tmp_path / "𝒜 run")  # STIX, shipped with matplotlib, has 𝒜
     b = shutil.copytree(trained_run / "seeds", tmp_path / "실험")  # no Hangul font on this machine
-    legends, real_save = {}, plot.save
-
-    def save_and_record(fig, path):
-        if legend := fig.axes[0].get_legend():
-            legends[path.name] = [(t.get_text(), t.get_fontfamily()) for t in legend.get_texts()]
-        return real_save(fig, path)
-
-    monkeypatch.setattr(plot, "save", save_and_record)
+    legends = recorded_saves(monkeypatch, legend_texts)
     assert plot.main([str(a), str(b)]) == 0
     texts = dict(legends["comparison.png"])
     assert texts["𝒜 run: lenet5"][:2] == ["DejaVu Sans", "STIXGeneral"]

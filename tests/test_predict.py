@@ -12,20 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import bomb_png, png_bytes
 from PIL import Image
-from test_dataset import bomb_png
 
 import dataset
 import predict
 import runs
 from model import LeNet5
 from predict import ImageInputError
-
-
-def png(array, mode=None):
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(array, dtype=np.uint8), mode=mode).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def centre_of_mass(view):
@@ -81,7 +75,7 @@ def test_an_mnist_digit_passes_through_nearly_unchanged(test_digits):
 def test_transparency_is_paper_and_colour_is_read_as_grey():
     rgba = np.zeros((60, 60, 4), np.uint8)  # a transparent canvas
     rgba[10:50, 28:33] = (200, 30, 30, 255)  # an opaque red stroke
-    image = predict.open_image(png(rgba, "RGBA"))
+    image = predict.open_image(png_bytes(rgba, "RGBA"))
     assert image.mode == "L" and image.getpixel((0, 0)) == 255
     assert ink_extent(predict.to_mnist(image)[1]) == (20, 3)
 
@@ -145,9 +139,9 @@ def images(tmp_path, test_digits):
     folder = tmp_path / "images"
     folder.mkdir()
     digits, labels = test_digits
-    (folder / "seven.png").write_bytes(png(digits[0]))  # a 7
+    (folder / "seven.png").write_bytes(png_bytes(digits[0]))  # a 7
     (folder / "photo.jpg").write_bytes(photographed(digits[1], np.random.default_rng(1)))  # a 2
-    (folder / "blank.png").write_bytes(png(np.full((40, 40), 255)))
+    (folder / "blank.png").write_bytes(png_bytes(np.full((40, 40), 255)))
     (folder / "empty.png").write_bytes(b"")
     (folder / "notes.png").write_text("not an image")
     (folder / "bomb.png").write_bytes(bomb_png())
@@ -253,11 +247,11 @@ def request(url, body=None, method=None):
 
 
 def test_the_endpoint_answers_images_and_refuses_the_rest_in_one_line(server, test_digits):
-    seven = png(test_digits[0][0])
+    seven = png_bytes(test_digits[0][0])
     bad = {
         "too large": (b"\0" * (predict.MAX_BODY + 1), 413, "more than"),
         "not an image": (b"hello", 400, "not an image"),
-        "blank": (png(np.full((50, 50), 255)), 422, "no ink found"),
+        "blank": (png_bytes(np.full((50, 50), 255)), 422, "no ink found"),
     }
     for body, status, reason in bad.values():
         got, answer = request(f"{server}/predict", body)

@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 import torch
-from conftest import epochs_without_time, run_main
+from conftest import epochs_without_time, interrupt_at, run_main
 from torch.utils.data import DataLoader
 
 import dataset
@@ -142,20 +142,6 @@ def test_resume_finds_the_data_from_any_folder_and_takes_only_options_that_keep_
     assert main.main(["--resume", str(cut), "--device", "cpu", "--quiet"]) == 0
     assert not (elsewhere / "data").exists()
     assert epochs_without_time(cut / "mlp/stats.json") == epochs_without_time(tmp_path / "runs/whole/mlp/stats.json")
-
-
-def interrupt_at(call):
-    """A main.train that raises KeyboardInterrupt (Ctrl-C) at its ``call``-th call."""
-    real_train, calls = main.train, 0
-
-    def train(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        if calls == call:
-            raise KeyboardInterrupt
-        return real_train(*args, **kwargs)
-
-    return train
 
 
 def test_the_printed_resume_command_can_be_pasted_for_a_path_with_spaces(mnist_dir, tmp_path, monkeypatch, capsys):
