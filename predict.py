@@ -123,9 +123,8 @@ def to_mnist(image):
     then place it in 28x28 with its centre of mass at the centre, and normalize as in training.
     An MNIST digit comes through nearly unchanged.
     """
-    image = image.convert("L")
+    image = image.convert("L")  # a copy: thumbnail() below leaves the caller's image alone
     if max(image.size) > WORK_SIDE:
-        image = image.copy()
         image.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.LANCZOS)
     ink = ink_map(np.asarray(image))
     top, bottom, left, right = ink_box(ink)
