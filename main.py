@@ -4,6 +4,7 @@
     python main.py --model lenet5 --epochs 1         # one model, one epoch
     python main.py --seeds 0,1,2                     # every model once per seed
     python main.py --resume runs/20261128-130000     # continue an interrupted run
+    torchrun --standalone --nproc-per-node=2 main.py --seeds 0,1,2   # the jobs spread over 2 processes
 
 Each run writes RUN_DIR/config.json and, per model (and per seed with --seeds),
 stats.json, last.pt and best.pt, all rewritten atomically after every epoch.
@@ -12,6 +13,7 @@ stats.json, last.pt and best.pt, all rewritten atomically after every epoch.
 import argparse
 import contextlib
 import functools
+import os
 import platform
 import re
 import shutil
@@ -27,7 +29,7 @@ from tqdm import tqdm
 import runs
 from dataset import MNIST, DatasetError, batch_loader, find_splits, safe_console
 from model import MODELS, num_params
-from runs import RunError, job_dir, read_stats, save_checkpoint, write_json
+from runs import Ranks, RunError, job_dir, read_stats, save_checkpoint, write_json
 
 TEST_BATCH_SIZE = 1000  # evaluation only: no gradients, so bigger batches are just faster
 
@@ -145,12 +147,16 @@ def device_arg(text):
     return text
 
 
-def pick_device(name):
-    """The torch.device for --device; raises ValueError when the asked-for one is absent."""
+def pick_device(name, local_rank=None):
+    """The torch.device for --device; raises ValueError when the asked-for one is absent.
+
+    With ``local_rank`` (under torchrun), ``auto`` and ``cuda`` mean GPU ``local_rank % device_count``,
+    so the ranks of a machine share its GPUs evenly.
+    """
     if name == "auto":
         problem = cuda_gpu_problem()
         if problem is None and torch.cuda.is_available():
-            return torch.device("cuda")
+            return pick_device("cuda", local_rank)
         if problem is not None:
             print(
                 f"note: {problem}; training on the CPU. docs/platforms.md says what to install.",
@@ -166,6 +172,8 @@ def pick_device(name):
             raise ValueError(
                 f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), from cuda:0"
             )
+        if device.index is None and local_rank is not None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: no Apple MPS device is available")
     return device
@@ -189,6 +197,11 @@ def cuda_gpu_problem():
     return (
         f"an NVIDIA GPU is installed, but this torch (for CUDA {torch.version.cuda}) cannot use it (an older driver?)"
     )
+
+
+def cpu_cores():
+    """The CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def cpu_name():
@@ -260,10 +273,11 @@ def saved_state(out, device):
     return last, stats
 
 
-def run_job(name, seed, cfg, out, train_set, test_set, device):
+def run_job(name, seed, cfg, out, train_set, test_set, device, prefix=""):
     """Train one model with one seed for cfg['epochs'], continuing from out/last.pt if present.
 
-    Returns the number of epochs it trained (0 for a job that was already complete).
+    Returns the number of epochs it trained (0 for a job that was already complete). Each epoch's
+    line starts with ``prefix`` (the rank, under torchrun).
     """
     torch.manual_seed(seed)
     kwargs = model_kwargs(name, cfg)
@@ -286,7 +300,7 @@ def run_job(name, seed, cfg, out, train_set, test_set, device):
     generator = torch.Generator()
     trn_loader = batch_loader(train_set.with_augment(uses_augmentation(name, cfg)), cfg["batch_size"], generator)
     tst_loader = batch_loader(test_set, TEST_BATCH_SIZE)
-    show_bar = sys.stdout.isatty() and not cfg["quiet"]
+    show_bar = sys.stdout.isatty() and not cfg["quiet"] and not prefix  # several ranks' bars would garble
 
     for epoch in range(len(stats["epochs"]) + 1, cfg["epochs"] + 1):
         start = time.perf_counter()
@@ -329,7 +343,7 @@ def run_job(name, seed, cfg, out, train_set, test_set, device):
             },
         )
         print(
-            f"{name:<10} seed {seed} epoch {epoch:>{len(str(cfg['epochs']))}}/{cfg['epochs']}"
+            f"{prefix}{name:<10} seed {seed} epoch {epoch:>{len(str(cfg['epochs']))}}/{cfg['epochs']}"
             f" | train loss {train_loss:.4f} acc {train_acc:7.2%}"
             f" | test loss {test_loss:.4f} acc {test_acc:7.2%} | {seconds:5.1f} s",
             flush=True,
@@ -385,7 +399,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 # Options that say where and how to run, not what: the only ones --resume takes besides itself.
-RESUME_OPTIONS = {"resume", "data_dir", "idx_dir", "device", "quiet"}
+RESUME_OPTIONS = {"resume", "data_dir", "idx_dir", "device", "threads", "quiet"}
 
 
 def build_parser():
@@ -406,6 +420,11 @@ def build_parser():
     p.add_argument("--no-augment", action="store_true", help="lenet5_reg without data augmentation (ablation)")
     p.add_argument("--device", type=device_arg, default="auto", help="where to train: auto, cpu, cuda, cuda:N or mps")
     p.add_argument(
+        "--threads",
+        type=POSITIVE_WHOLE,
+        help="CPU threads per process; default: torch's own, under torchrun the cores over the processes",
+    )
+    p.add_argument(
         "--data-dir", type=Path, default=Path("data"), help="folder of train.tar and test.tar, or train/ and test/"
     )
     p.add_argument("--idx-dir", type=Path, help="folder with the four IDX files, to build missing tars from")
@@ -425,7 +444,9 @@ def given_options(argv):
     return {name for name, value in vars(probe.parse_args(argv)).items() if value is not None}
 
 
-def parse_args(argv=None):
+def parse_args(argv=None, ranks=None):
+    """The parsed options, checked, with ``args.device`` a torch.device (that of its rank under torchrun)."""
+    ranks = ranks or Ranks()
     p = build_parser()
     args = p.parse_args(argv)
     if args.resume is not None:
@@ -435,7 +456,7 @@ def parse_args(argv=None):
             flag = "--" + changed[0].replace("_", "-")
             p.error(
                 f"argument {flag}: --resume continues a run with its own settings, so it takes only "
-                "--data-dir, --idx-dir, --device and --quiet; start a new run to change the others"
+                "--data-dir, --idx-dir, --device, --threads and --quiet; start a new run to change the others"
             )
         try:
             args.resume = runs.find_run(args.resume)
@@ -457,7 +478,7 @@ def parse_args(argv=None):
         flag = "--batch-size" if args.batch_size == 1 else "--train-limit"
         p.error(f"argument {flag}: must be at least 2 (a batch of one image is skipped: BatchNorm needs two)")
     try:
-        args.device = pick_device(args.device)
+        args.device = pick_device(args.device, ranks.local_rank if ranks.spread else None)
     except ValueError as e:
         p.error(str(e))
     return args
@@ -498,68 +519,139 @@ def sigterm_as_ctrl_c():
 
 
 def main(argv=()):
-    """The command line; ``main()`` from a notebook runs the defaults (``python main.py`` passes its arguments)."""
-    args = parse_args(list(argv))
+    """The command line; ``main()`` from a notebook runs the defaults (``python main.py`` passes its arguments).
+
+    Under torchrun each rank runs this: rank 0 prepares the data and makes the run folder, then every
+    rank trains the jobs it takes from the shared queue, and rank 0 prints the run's table at the end.
+    """
+    ranks = Ranks.from_env()
+    args = parse_args(list(argv), ranks)
+    threads = args.threads or (max(1, cpu_cores() // ranks.local_world_size) if ranks.spread else None)
+    torch_threads = torch.get_num_threads()
+    try:
+        ranks.connect()
+    except (RuntimeError, ValueError) as e:  # torch.distributed's errors on a failed rendezvous
+        print(f"error: cannot reach the other torchrun processes ({str(e).splitlines()[0]})", file=sys.stderr)
+        return 1
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with sigterm_as_ctrl_c():
+            return start_run(args, ranks)
+    finally:
+        torch.set_num_threads(torch_threads)  # as it was, for a notebook that calls main() again
+
+
+def start_run(args, ranks):
+    """Load the data and find or make the run folder (rank 0 first; the others follow), then train."""
+    say = ranks.prefix
     try:
         run_dir, cfg = load_config(args)
     except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{say}error: {e}", file=sys.stderr)
         return 1
     device = args.device
     cfg.update(device=str(device), threads=torch.get_num_threads(), cpu=cpu_name(), torch=torch.__version__,
-               python=platform.python_version())  # fmt: skip
-    with sigterm_as_ctrl_c():
+               python=platform.python_version(), world_size=ranks.world_size)  # fmt: skip
+    processes = ranks.gather("rank", ranks.record(device, cfg["threads"]))  # before any slow step
+    if ranks.rank != 0:
         try:
-            train_path, test_path = find_splits(args.data_dir or cfg["data_dir"], cfg["idx_dir"])
-            train_set = MNIST(train_path, limit=cfg["train_limit"]).to(device)
-            test_set = MNIST(test_path, limit=cfg["test_limit"]).to(device)
-        except DatasetError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        except OSError as e:
-            print(f"error: {e.filename}: cannot read it ({e.strerror})", file=sys.stderr)
-            return 1
+            run_dir = Path(ranks.wait("run folder"))
         except KeyboardInterrupt:
-            print("\ninterrupted before training: no run was written", file=sys.stderr)
+            print(f"{say}interrupted before training", file=sys.stderr)
             return 130
-        try:
-            if run_dir is None:  # the folder appears only now, with the data ready
-                run_dir = runs.create_run_dir(args.out_dir, args.run_name)
-                cfg["run_name"] = run_dir.name
-            write_json(run_dir / "config.json", cfg)
-            runs.point_latest(run_dir)
-        except OSError as e:
-            print(f"error: {e.filename or args.out_dir}: cannot write the run there ({e.strerror})", file=sys.stderr)
+        if run_dir == Path():  # rank 0 could not start the run, and said why
             return 1
-        return train_all(run_dir, cfg, train_set, test_set, device)
+        try:
+            cfg = runs.read_config(run_dir)
+        except RunError as e:
+            print(f"{say}error: {e}; every machine must see --out-dir at the same path", file=sys.stderr)
+            return 1
+    try:
+        train_set, test_set = load_data(args.data_dir or cfg["data_dir"], cfg, device)
+    except KeyboardInterrupt:
+        print(f"\n{say}interrupted before training: no run was written", file=sys.stderr)
+        return 130
+    except DataError as e:
+        print(f"{say}error: {e}", file=sys.stderr)
+        code = 1
+    else:
+        code = None
+    if ranks.rank == 0:
+        if code is None:
+            try:
+                if run_dir is None:  # the folder appears only now, with the data ready
+                    run_dir = runs.create_run_dir(args.out_dir, args.run_name)
+                    cfg["run_name"] = run_dir.name
+                if ranks.spread:
+                    cfg["ranks"] = processes
+                write_json(run_dir / "config.json", cfg)
+                runs.point_latest(run_dir)
+            except OSError as e:
+                where = e.filename or args.out_dir
+                print(f"{say}error: {where}: cannot write the run there ({e.strerror})", file=sys.stderr)
+                code = 1
+        if ranks.spread:
+            ranks.share("run folder", "" if code else str(run_dir))
+    if code:
+        return code
+    return train_all(run_dir, cfg, train_set, test_set, device, ranks)
 
 
-def train_all(run_dir, cfg, train_set, test_set, device):
-    """Train what is left of every job of the run, then print the run's table; returns the exit code.
+class DataError(Exception):
+    """The data cannot be loaded; the message is the one line to print."""
+
+
+def load_data(data_dir, cfg, device):
+    """The training and test sets of a run, on the device (tars prepared first when missing)."""
+    try:
+        train_path, test_path = find_splits(data_dir, cfg["idx_dir"])
+        train_set = MNIST(train_path, limit=cfg["train_limit"]).to(device)
+        test_set = MNIST(test_path, limit=cfg["test_limit"]).to(device)
+    except DatasetError as e:
+        raise DataError(str(e)) from None
+    except OSError as e:
+        raise DataError(f"{e.filename}: cannot read it ({e.strerror})") from None
+    return train_set, test_set
+
+
+def train_all(run_dir, cfg, train_set, test_set, device, ranks=None):
+    """Train what is left of the run's jobs (those this rank takes, under torchrun), then print the
+    run's table (rank 0, once every rank is done); returns the exit code.
 
     A job whose files are damaged is reported and left as it is; the others still train.
     """
-    resume = runs.command("python", "main.py", "--resume", run_dir)
-    print(f"run {run_dir} on {device}", flush=True)
+    ranks = ranks or Ranks()
+    say, resume = ranks.prefix, ranks.resume_command(run_dir)
+    threads = f", {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)}" if device.type == "cpu" else ""
+    print(f"{say}run {run_dir} on {device}{threads}", flush=True)
+    todo = runs.jobs(cfg)
     trained, failed = 0, 0
     try:
-        for name, seed in runs.jobs(cfg):
+        for index in ranks.take(len(todo)):
+            name, seed = todo[index]
             out = job_dir(run_dir, name, seed, cfg["per_seed"])
             try:
-                trained += run_job(name, seed, cfg, out, train_set, test_set, device)
+                trained += run_job(name, seed, cfg, out, train_set, test_set, device, say)
             except RunError as e:
-                print(f"error: {e}; move {out} away to train {name} seed {seed} from scratch", file=sys.stderr)
+                print(f"{say}error: {e}; move {out} away to train {name} seed {seed} from scratch", file=sys.stderr)
                 failed += 1
+        trained, failed = ranks.finish(trained, failed)
     except OSError as e:  # a full disk, say: every completed epoch is still on disk
-        print(f"error: {e.filename or run_dir}: {e.strerror}; completed epochs are saved: fix that, then {resume}",
+        print(f"{say}error: {e.filename or run_dir}: {e.strerror}; completed epochs are saved: fix that, then {resume}",
               file=sys.stderr)  # fmt: skip
         return 1
     except NotImplementedError as e:  # an operation this torch lacks on this device (MPS)
-        print(f"error: {device}: {str(e).splitlines()[0]}; try --device cpu or a newer torch", file=sys.stderr)
+        print(f"{say}error: {device}: {str(e).splitlines()[0]}; try --device cpu or a newer torch", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: completed epochs are saved; continue with: {resume}")
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM: from the user, or from torchrun when another rank failed
+        if ranks.first_to_stop():
+            print(f"\n{say}interrupted: completed epochs are saved; continue with: {resume}", flush=True)
+        else:
+            print(f"{say}interrupted: completed epochs are saved", flush=True)
         return 130
+    if ranks.rank != 0:  # a failed job is in its own line; rank 0's exit code counts it (a non-zero exit
+        return 0  # here would make torchrun stop the ranks still training)
     if not trained and not failed:
         print("every job was already complete: nothing left to train")
     print("\n" + runs.summary(run_dir, cfg))

@@ -10,11 +10,16 @@ A run folder is made only when training starts, under a name no other run has.
 the privilege), a text file holding the run's name; ``find_run`` follows either.
 Every file is read with a check of its shape, and a damaged one is reported as a
 ``RunError``: one line naming the file and what to do.
+
+Under ``torchrun`` a run's jobs are spread over its processes (``Ranks``): rank 0
+makes the run folder, and every rank takes the next job from a counter in
+torch.distributed's store whenever it is free, so each job is trained exactly once.
 """
 
 import json
 import os
 import shlex
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -237,3 +242,110 @@ def command(*args):
     """A command line that this system's shell takes back as the same arguments (spaces, quotes, any script)."""
     args = [str(a) for a in args]
     return subprocess.list2cmdline(args) if os.name == "nt" else shlex.join(args)
+
+
+# --------------------------------------------------------------------------- the processes of a run
+
+
+class Ranks:
+    """The processes a run is spread over: just this one (``python main.py``), or torchrun's ranks.
+
+    torchrun starts every rank with RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE set, and serves
+    a key-value store that they reach through ``torch.distributed.rendezvous``. Through it rank 0
+    gives the others the run folder, and the ranks take jobs from one counter as each becomes free.
+    Waits poll the store, so Ctrl-C and SIGTERM reach a waiting rank at once.
+    """
+
+    def __init__(self, rank=0, world_size=1, local_rank=0, local_world_size=1):
+        self.rank, self.world_size = rank, world_size
+        self.local_rank, self.local_world_size = local_rank, local_world_size
+        self.store = None
+
+    @classmethod
+    def from_env(cls):
+        """The ranks torchrun describes in the environment; one process when it did not start this one."""
+        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+        if not all(name in os.environ for name in names):
+            return cls()
+        return cls(*(int(os.environ[name]) for name in names))
+
+    @property
+    def spread(self):
+        return self.world_size > 1
+
+    @property
+    def prefix(self):
+        """What each printed line of this rank starts with: its rank, when there are several."""
+        return f"rank {self.rank} | " if self.spread else ""
+
+    def connect(self):
+        """Join the other ranks through torchrun's store (only when there are several)."""
+        if self.spread:
+            import torch.distributed as dist  # only under torchrun: a plain run never loads it
+
+            self.store, _, _ = next(dist.rendezvous("env://"))
+
+    def share(self, key, value):
+        """Give every rank ``value`` (a string) under ``key``."""
+        self.store.set(key, value)
+
+    def wait(self, key):
+        """The string another rank shared under ``key``, once it has."""
+        while not self.store.check([key]):
+            time.sleep(0.05)
+        return self.store.get(key).decode()
+
+    def gather(self, key, value):
+        """Each rank shares ``value``; rank 0 gets every rank's, in rank order (the others get None)."""
+        if not self.spread:
+            return [value]
+        self.share(f"{key}/{self.rank}", json.dumps(value))
+        if self.rank != 0:
+            return None
+        return [json.loads(self.wait(f"{key}/{r}")) for r in range(self.world_size)]
+
+    def take(self, count):
+        """The indices of the jobs this rank trains, out of ``count``: each is handed to the first rank
+        that asks for it, so a rank that finishes early takes the next one, and no job is taken twice."""
+        if not self.spread:
+            yield from range(count)
+            return
+        while (index := self.store.add("jobs taken", 1) - 1) < count:
+            yield index
+
+    def finish(self, trained, failed):
+        """Mark this rank done; rank 0 waits for every rank and gets the totals of epochs trained and
+        jobs failed over all of them, the others their own."""
+        if not self.spread:
+            return trained, failed
+        self.store.add("epochs trained", trained)
+        self.store.add("jobs failed", failed)
+        if self.store.add("ranks finished", 1) == self.world_size:
+            self.share("all finished", "1")
+        if self.rank != 0:
+            return trained, failed
+        self.wait("all finished")
+        return self.store.add("epochs trained", 0), self.store.add("jobs failed", 0)
+
+    def first_to_stop(self):
+        """Whether this is the first rank to stop early (Ctrl-C, or torchrun ending it because another
+        rank failed): that one prints how to continue. True too when the store is gone with its host."""
+        if not self.spread:
+            return True
+        try:
+            return self.store.add("ranks stopped", 1) == 1
+        except RuntimeError:  # the store went with the process that served it (torch.distributed.DistError)
+            return True
+
+    def record(self, device, threads):
+        """What config.json keeps of this rank: where it ran and how."""
+        return {"rank": self.rank, "host": socket.gethostname(), "device": str(device), "threads": threads}
+
+    def resume_command(self, run_dir):
+        """The command that continues the run, launched the way this one was."""
+        if not self.spread:
+            return command("python", "main.py", "--resume", run_dir)
+        if self.world_size == self.local_world_size:  # one machine
+            launch = ("torchrun", "--standalone", f"--nproc-per-node={self.local_world_size}")
+            return command(*launch, "main.py", "--resume", run_dir)
+        return "torchrun [the same launch options] " + command("main.py", "--resume", run_dir)

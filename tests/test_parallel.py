@@ -1,0 +1,174 @@
+"""torchrun: a run's jobs spread over ranks, each job trained once, with the numbers of a single process.
+
+The ranks here are real torchrun processes on this machine's CPU (two, one thread each), on a
+small subset; the job queue's hand-out is also checked in-process with a store shared by threads.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import ROOT, epochs_without_time, run_main
+
+import main
+import runs
+from runs import Ranks
+
+JOBS = [("lenet5", 0), ("mlp", 0), ("lenet5", 1), ("mlp", 1)]
+SETTINGS = ("--model", "lenet5,mlp", "--seeds", "0,1", "--epochs", "3", "--train-limit", "5000",
+            "--test-limit", "500", "--device", "cpu")  # fmt: skip
+THREADS = max(1, main.cpu_cores() // 2)  # each of two ranks' share of the cores: torchrun's default --threads
+EPOCH_LINE = re.compile(r"^rank (\d) \| (\w+) +seed (\d) epoch (\d)/3 ")
+
+
+@pytest.fixture(scope="module")
+def alone(mnist_dir, tmp_path_factory):
+    """The same jobs trained by one process with a rank's threads: what every rank must reproduce."""
+    out = tmp_path_factory.mktemp("alone")
+    assert run_main(mnist_dir, out, *SETTINGS, "--threads", str(THREADS)) == 0
+    return out / "run"
+
+
+def torchrun(mnist_dir, out_dir, *extra):
+    """``torchrun --standalone --nproc_per_node=2 main.py`` on the small run, its output piped line by line."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(ROOT / "main.py"), "--data-dir", str(mnist_dir), "--out-dir", str(out_dir), "--run-name", "run",
+               *SETTINGS, *extra]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out_dir)
+
+
+def trained_epochs(output):
+    """(rank, model, seed, epoch) of every epoch line in torchrun's output."""
+    return [(int(m[1]), m[2], int(m[3]), int(m[4])) for m in map(EPOCH_LINE.match, output.splitlines()) if m]
+
+
+def assert_same_numbers(run_dir, alone):
+    """Every job's rows (without seconds) and final weights equal those of the single process."""
+    for name, seed in JOBS:
+        job, reference = (runs.job_dir(d, name, seed, per_seed=True) for d in (run_dir, alone))
+        assert epochs_without_time(job / "stats.json") == epochs_without_time(reference / "stats.json")
+        weights = torch.load(job / "last.pt", weights_only=True)["model"]
+        expected = torch.load(reference / "last.pt", weights_only=True)["model"]
+        assert all(torch.equal(weights[k], expected[k]) for k in expected), f"{name} seed {seed}"
+
+
+def test_two_ranks_train_each_job_once_with_the_numbers_of_one_process(mnist_dir, tmp_path, alone):
+    process = torchrun(mnist_dir, tmp_path)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    epochs = trained_epochs(output)
+    assert sorted((name, seed, epoch) for _, name, seed, epoch in epochs) == sorted(
+        (name, seed, epoch) for name, seed in JOBS for epoch in (1, 2, 3)
+    )
+    for name, seed in JOBS:  # one rank trained the whole job
+        assert len({rank for rank, n, s, _ in epochs if (n, s) == (name, seed)}) == 1
+    config = runs.read_json(tmp_path / "run" / "config.json")
+    assert config["world_size"] == 2 and config["threads"] == THREADS
+    assert [(r["rank"], r["device"], r["threads"]) for r in config["ranks"]] == [
+        (0, "cpu", THREADS),
+        (1, "cpu", THREADS),
+    ]
+    table = output[output.index("final test acc") :].splitlines()[1:5]  # one table, once every job is done
+    assert output.count("final test acc") == 1 and [line.split()[:3] for line in table] == [
+        [name, str(seed), "3"] for name, seed in JOBS
+    ]
+    assert_same_numbers(tmp_path / "run", alone)
+
+
+def rank_pid(launcher, rank):
+    """The process id of one of torchrun's ranks (Linux: its children and their environments)."""
+    for pid in open(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read().split():
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                return int(pid)
+    raise AssertionError(f"torchrun has no rank {rank}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds a rank's process through /proc")
+@pytest.mark.parametrize("stop", ["SIGKILL to rank 1", "Ctrl-C to torchrun"])
+def test_a_stopped_run_loses_no_epoch_and_resume_trains_exactly_what_is_left(mnist_dir, tmp_path, alone, stop, capsys):
+    process = torchrun(mnist_dir, tmp_path)
+    seen = []
+    for line in process.stdout:  # stop when rank 1 has completed an epoch of a LeNet-5 job (~0.5 s each)
+        seen.append(line)
+        if line.startswith("rank 1 | lenet5"):
+            if stop == "SIGKILL to rank 1":
+                os.kill(rank_pid(process, 1), signal.SIGKILL)
+            else:
+                process.send_signal(signal.SIGINT)  # what Ctrl-C in its terminal sends torchrun
+            break
+    output = "".join(seen) + process.communicate(timeout=120)[0]
+    assert process.returncode != 0
+    run_dir = tmp_path / "run"
+    resume = runs.command("torchrun", "--standalone", "--nproc-per-node=2", "main.py", "--resume", run_dir)
+    assert output.count(f"continue with: {resume}") == 1, output
+    if stop == "Ctrl-C to torchrun":
+        assert all(f"rank {r} | interrupted: completed epochs are saved" in output for r in (0, 1)), output
+
+    before = {}  # epochs complete on disk: last.pt marks them (SIGTERM may land between a job's writes)
+    for name, seed in JOBS:
+        job, before[name, seed] = runs.job_dir(run_dir, name, seed, per_seed=True), 0
+        if (job / "last.pt").exists():
+            before[name, seed] = torch.load(job / "last.pt", weights_only=True)["epoch"]
+            assert len(runs.read_stats(job / "stats.json")["epochs"]) >= before[name, seed]
+    for _, name, seed, epoch in trained_epochs(output):
+        assert before[name, seed] >= epoch  # every epoch reported done is on disk
+    _, name, seed, _ = trained_epochs("".join(seen))[-1]
+    assert before[name, seed] < 3  # rank 1's job was cut short
+
+    capsys.readouterr()
+    assert main.main(["--resume", str(run_dir), "--threads", str(THREADS), "--quiet"]) == 0  # plain python, this time
+    resumed = re.findall(r"^(\w+) +seed (\d) epoch (\d)/3 ", capsys.readouterr().out, re.M)
+    expected = [(n, s, e) for n, s in JOBS for e in range(before[n, s] + 1, 4)]  # exactly what was left
+    assert [(n, int(s), int(e)) for n, s, e in resumed] == expected
+    assert_same_numbers(run_dir, alone)
+
+
+def share_jobs(world_size, count, seconds_per_job):
+    """Ranks in threads, sharing one in-memory store: the job indices each rank took."""
+    store, taken = dist.HashStore(), {}
+
+    def rank(r):
+        ranks = Ranks(r, world_size, r, world_size)
+        ranks.store = store
+        taken[r] = []
+        for index in ranks.take(count):
+            taken[r].append(index)
+            time.sleep(seconds_per_job[r])
+        ranks.finish(len(taken[r]), 0)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return taken
+
+
+def test_jobs_go_to_whichever_rank_is_free_each_exactly_once():
+    taken = share_jobs(2, 8, seconds_per_job=[0.5, 0.01])  # rank 0 trains slow jobs; rank 1 takes the rest
+    assert sorted(taken[0] + taken[1]) == list(range(8))
+    assert len(taken[0]) <= 2 and len(taken[1]) >= 6  # a fixed stride would give each rank 4
+
+    taken = share_jobs(5, 3, seconds_per_job=[0.01] * 5)  # more ranks than jobs: the extra ones take none
+    assert sorted(sum(taken.values(), [])) == [0, 1, 2]
+
+
+def test_each_rank_of_a_machine_trains_on_gpu_local_rank_modulo_the_gpus(monkeypatch):
+    fake_gpus = {"is_available": True, "device_count": 3, "get_device_capability": (9, 0), "get_arch_list": ["sm_90"]}
+    for name, value in fake_gpus.items():  # three sm_90 GPUs, as torch.cuda would report them
+        monkeypatch.setattr(torch.cuda, name, lambda *args, value=value: value)
+    assert [main.pick_device("auto", local_rank) for local_rank in range(5)] == [
+        torch.device("cuda", i)
+        for i in (0, 1, 2, 0, 1)  # several ranks may share a GPU
+    ]
+    assert main.pick_device("cuda", 4) == torch.device("cuda", 1)
+    assert main.pick_device("cuda:2", 4) == torch.device("cuda", 2)  # a GPU named by the user is kept
+    assert main.pick_device("auto") == torch.device("cuda")  # python main.py: as before
