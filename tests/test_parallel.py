@@ -132,8 +132,9 @@ def test_a_stopped_run_loses_no_epoch_and_resume_trains_exactly_what_is_left(mni
 
 
 def share_jobs(world_size, count, seconds_per_job):
-    """Ranks in threads, sharing one in-memory store: the job indices each rank took."""
-    store, taken = dist.HashStore(), {}
+    """Ranks in threads sharing one in-memory store, each "training" a job by sleeping: the job indices each
+    rank took, and what rank 0's ``finish`` returned (the totals over all ranks, once every rank is done)."""
+    store, taken, totals = dist.HashStore(), {}, {}
 
     def rank(r):
         ranks = Ranks(r, world_size, r, world_size)
@@ -142,23 +143,24 @@ def share_jobs(world_size, count, seconds_per_job):
         for index in ranks.take(count):
             taken[r].append(index)
             time.sleep(seconds_per_job[r])
-        ranks.finish(len(taken[r]), 0)
+        totals[r] = ranks.finish(len(taken[r]), 0)
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(world_size)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=30)
-    return taken
+    return taken, totals[0]
 
 
 def test_jobs_go_to_whichever_rank_is_free_each_exactly_once():
-    taken = share_jobs(2, 8, seconds_per_job=[0.5, 0.01])  # rank 0 trains slow jobs; rank 1 takes the rest
+    taken, totals = share_jobs(2, 8, seconds_per_job=[0.01, 0.5])  # rank 1's jobs are slow: rank 0 takes the rest
     assert sorted(taken[0] + taken[1]) == list(range(8))
-    assert len(taken[0]) <= 2 and len(taken[1]) >= 6  # a fixed stride would give each rank 4
+    assert len(taken[0]) >= 6 and len(taken[1]) <= 2  # a fixed stride would give each rank 4
+    assert totals == (8, 0)  # rank 0, done first, waited for rank 1 before counting
 
-    taken = share_jobs(5, 3, seconds_per_job=[0.01] * 5)  # more ranks than jobs: the extra ones take none
-    assert sorted(sum(taken.values(), [])) == [0, 1, 2]
+    taken, totals = share_jobs(5, 3, seconds_per_job=[0.01] * 5)  # more ranks than jobs: the extra ones take none
+    assert sorted(sum(taken.values(), [])) == [0, 1, 2] and totals == (3, 0)
 
 
 def test_each_rank_of_a_machine_trains_on_gpu_local_rank_modulo_the_gpus(monkeypatch):
