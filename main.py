@@ -27,9 +27,9 @@ import torch
 from tqdm import tqdm
 
 import runs
-from dataset import MNIST, DatasetError, batch_loader, find_splits, safe_console
+from dataset import DatasetError, batch_loader, load_splits, safe_console
 from model import MODELS, num_params
-from runs import Ranks, RunError, job_dir, read_stats, save_checkpoint, write_json
+from runs import Ranks, RunError, job_dir, save_checkpoint, write_json
 
 TEST_BATCH_SIZE = 1000  # evaluation only: no gradients, so bigger batches are just faster
 
@@ -255,24 +255,6 @@ def build(name, cfg, device):
     return model, optimizer, scheduler
 
 
-def saved_state(out, device):
-    """(last.pt, stats) of a job folder that holds completed epochs, else (None, None); RunError if damaged.
-
-    last.pt is written last in an epoch, so it says how many epochs are complete: stats.json
-    rows after its epoch (a kill between the two writes) are dropped.
-    """
-    if not (out / "last.pt").exists():
-        return None, None
-    last = runs.load_checkpoint(out / "last.pt", device)
-    stats = read_stats(out / "stats.json")
-    if len(stats["epochs"]) < last["epoch"]:
-        raise RunError(
-            f"{out / 'stats.json'}: holds {len(stats['epochs'])} epochs, but last.pt is from epoch {last['epoch']}"
-        )
-    del stats["epochs"][last["epoch"] :]
-    return last, stats
-
-
 def run_job(name, seed, cfg, out, train_set, test_set, device, prefix=""):
     """Train one model with one seed for cfg['epochs'], continuing from out/last.pt if present.
 
@@ -284,7 +266,7 @@ def run_job(name, seed, cfg, out, train_set, test_set, device, prefix=""):
     model, optimizer, scheduler = build(name, cfg, device)
     criterion = torch.nn.CrossEntropyLoss()
     stats = {"model": name, "params": num_params(model), "seed": seed, "kwargs": kwargs, "epochs": []}
-    last, saved_stats = saved_state(out, device)
+    last, saved_stats = runs.saved_state(out, device)
     if last is not None:
         try:
             model.load_state_dict(last["model"])
@@ -568,11 +550,13 @@ def start_run(args, ranks):
             print(f"{say}error: {e}; every machine must see --out-dir at the same path", file=sys.stderr)
             return 1
     try:
-        train_set, test_set = load_data(args.data_dir or cfg["data_dir"], cfg, device)
+        train_set, test_set = load_splits(
+            args.data_dir or cfg["data_dir"], cfg["idx_dir"], device, cfg["train_limit"], cfg["test_limit"]
+        )
     except KeyboardInterrupt:
-        print(f"\n{say}interrupted before training: no run was written", file=sys.stderr)
+        print(f"\n{say}interrupted before training" + ("" if ranks.rank else ": no run was written"), file=sys.stderr)
         return 130
-    except DataError as e:
+    except DatasetError as e:
         print(f"{say}error: {e}", file=sys.stderr)
         code = 1
     else:
@@ -598,23 +582,6 @@ def start_run(args, ranks):
     return train_all(run_dir, cfg, train_set, test_set, device, ranks)
 
 
-class DataError(Exception):
-    """The data cannot be loaded; the message is the one line to print."""
-
-
-def load_data(data_dir, cfg, device):
-    """The training and test sets of a run, on the device (tars prepared first when missing)."""
-    try:
-        train_path, test_path = find_splits(data_dir, cfg["idx_dir"])
-        train_set = MNIST(train_path, limit=cfg["train_limit"]).to(device)
-        test_set = MNIST(test_path, limit=cfg["test_limit"]).to(device)
-    except DatasetError as e:
-        raise DataError(str(e)) from None
-    except OSError as e:
-        raise DataError(f"{e.filename}: cannot read it ({e.strerror})") from None
-    return train_set, test_set
-
-
 def train_all(run_dir, cfg, train_set, test_set, device, ranks=None):
     """Train what is left of the run's jobs (those this rank takes, under torchrun), then print the
     run's table (rank 0, once every rank is done); returns the exit code.
@@ -625,7 +592,7 @@ def train_all(run_dir, cfg, train_set, test_set, device, ranks=None):
     say, resume = ranks.prefix, ranks.resume_command(run_dir)
     threads = f", {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)}" if device.type == "cpu" else ""
     print(f"{say}run {run_dir} on {device}{threads}", flush=True)
-    todo = runs.jobs(cfg)
+    todo = runs.jobs(cfg, slowest_first=ranks.spread)
     trained, failed = 0, 0
     try:
         for index in ranks.take(len(todo)):

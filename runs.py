@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed
 
 from dataset import atomic_open, write_text
 from model import MODELS
@@ -112,9 +113,18 @@ def job_dir(run_dir, model_name, seed, per_seed):
     return run_dir / model_name / f"seed{seed}" if per_seed else run_dir / model_name
 
 
-def jobs(cfg):
-    """(model, seed) of every job of a run, in the order they are trained."""
-    return [(name, seed) for seed in cfg["seeds"] for name in cfg["model"]]
+# The models from the slowest epoch to the fastest, on a CPU and on a GPU alike (docs/performance.md).
+SLOWEST_FIRST = ("lenet5_reg", "lenet5", "mlp")
+
+
+def jobs(cfg, slowest_first=False):
+    """(model, seed) of every job of a run, in the order one process trains them: seed by seed.
+
+    ``slowest_first`` orders them by model instead, the slowest first: the order in which torchrun's
+    ranks take them, so that a long job is never the last to start while the other ranks idle.
+    """
+    order = [(name, seed) for seed in cfg["seeds"] for name in cfg["model"]]
+    return sorted(order, key=lambda job: SLOWEST_FIRST.index(job[0])) if slowest_first else order
 
 
 # --------------------------------------------------------------------------- files
@@ -212,6 +222,24 @@ def load_model(path):
     return model.eval(), best
 
 
+def saved_state(out, device):
+    """(last.pt, stats) of a job folder that holds completed epochs, else (None, None); RunError if damaged.
+
+    last.pt is written last in an epoch, so it says how many epochs are complete: stats.json
+    rows after its epoch (a kill between the two writes) are dropped.
+    """
+    if not (out / "last.pt").exists():
+        return None, None
+    last = load_checkpoint(out / "last.pt", device)
+    stats = read_stats(out / "stats.json")
+    if len(stats["epochs"]) < last["epoch"]:
+        raise RunError(
+            f"{out / 'stats.json'}: holds {len(stats['epochs'])} epochs, but last.pt is from epoch {last['epoch']}"
+        )
+    del stats["epochs"][last["epoch"] :]
+    return last, stats
+
+
 # --------------------------------------------------------------------------- what a run says at the end
 
 
@@ -281,9 +309,7 @@ class Ranks:
     def connect(self):
         """Join the other ranks through torchrun's store (only when there are several)."""
         if self.spread:
-            import torch.distributed as dist  # only under torchrun: a plain run never loads it
-
-            self.store, _, _ = next(dist.rendezvous("env://"))
+            self.store, _, _ = next(torch.distributed.rendezvous("env://"))
 
     def share(self, key, value):
         """Give every rank ``value`` (a string) under ``key``."""

@@ -174,3 +174,9 @@ def test_each_rank_of_a_machine_trains_on_gpu_local_rank_modulo_the_gpus(monkeyp
     assert main.pick_device("cuda", 4) == torch.device("cuda", 1)
     assert main.pick_device("cuda:2", 4) == torch.device("cuda", 2)  # a GPU named by the user is kept
     assert main.pick_device("auto") == torch.device("cuda")  # python main.py: as before
+
+
+def test_ranks_take_the_slowest_models_first_and_one_process_keeps_seed_order():
+    cfg = {"seeds": [0, 1], "model": ["lenet5", "mlp", "lenet5_reg"]}
+    assert runs.jobs(cfg) == [(name, seed) for seed in (0, 1) for name in ("lenet5", "mlp", "lenet5_reg")]
+    assert runs.jobs(cfg, slowest_first=True) == [(name, seed) for name in runs.SLOWEST_FIRST for seed in (0, 1)]
