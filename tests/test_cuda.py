@@ -1,6 +1,6 @@
 """The CUDA path: data on the device, and the training step captured as a CUDA graph.
 
-These need a CUDA GPU, which CI does not have; the README says when they last ran on one.
+These need a CUDA GPU, which CI does not have; docs/tests.md says when they last ran on one.
 """
 
 import functools
