@@ -314,10 +314,11 @@ class Ranks:
     def share(self, key, value):
         """Give every rank ``value`` (a string) under ``key``."""
         self.store.set(key, value)
+        self.store.add(f"{key} is set", 1)  # a counter can be read without waiting (torch 2.2's stores lack check)
 
     def wait(self, key):
         """The string another rank shared under ``key``, once it has."""
-        while not self.store.check([key]):
+        while not self.store.add(f"{key} is set", 0):
             time.sleep(0.05)
         return self.store.get(key).decode()
 
