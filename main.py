@@ -542,6 +542,8 @@ def start_run(args, ranks):
         except KeyboardInterrupt:
             print(f"{say}interrupted before training", file=sys.stderr)
             return 130
+        except runs.RanksLost:  # rank 0 has ended, and said why
+            return 1
         if run_dir == Path():  # rank 0 could not start the run, and said why
             return 1
         try:
@@ -611,7 +613,7 @@ def train_all(run_dir, cfg, train_set, test_set, device, ranks=None):
     except NotImplementedError as e:  # an operation this torch lacks on this device (MPS)
         print(f"{say}error: {device}: {str(e).splitlines()[0]}; try --device cpu or a newer torch", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM: from the user, or from torchrun when another rank failed
+    except (KeyboardInterrupt, runs.RanksLost):  # Ctrl-C or SIGTERM (from torchrun, when another rank failed)
         if ranks.first_to_stop():
             print(f"\n{say}interrupted: completed epochs are saved; continue with: {resume}", flush=True)
         else:

@@ -56,6 +56,10 @@ class RunError(Exception):
     """A run's file is missing or damaged; the message is one line naming it and what to do."""
 
 
+class RanksLost(Exception):
+    """The store that torchrun's ranks share has closed: the process that served it has ended."""
+
+
 # --------------------------------------------------------------------------- the folder
 
 
@@ -311,16 +315,23 @@ class Ranks:
         if self.spread:
             self.store, _, _ = next(torch.distributed.rendezvous("env://"))
 
+    def _call(self, method, *args):
+        """A call on the shared store; RanksLost when its server is gone (rank 0 serves it under older torch)."""
+        try:
+            return getattr(self.store, method)(*args)
+        except RuntimeError as e:  # torch.distributed.DistError, or a plain RuntimeError in older torch
+            raise RanksLost(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
+
     def share(self, key, value):
         """Give every rank ``value`` (a string) under ``key``."""
-        self.store.set(key, value)
-        self.store.add(f"{key} is set", 1)  # a counter can be read without waiting (torch 2.2's stores lack check)
+        self._call("set", key, value)
+        self._call("add", f"{key} is set", 1)  # a counter can be read without waiting (torch 2.2's stores lack check)
 
     def wait(self, key):
         """The string another rank shared under ``key``, once it has."""
-        while not self.store.add(f"{key} is set", 0):
+        while not self._call("add", f"{key} is set", 0):
             time.sleep(0.05)
-        return self.store.get(key).decode()
+        return self._call("get", key).decode()
 
     def gather(self, key, value):
         """Each rank shares ``value``; rank 0 gets every rank's, in rank order (the others get None)."""
@@ -337,7 +348,7 @@ class Ranks:
         if not self.spread:
             yield from range(count)
             return
-        while (index := self.store.add("jobs taken", 1) - 1) < count:
+        while (index := self._call("add", "jobs taken", 1) - 1) < count:
             yield index
 
     def finish(self, trained, failed):
@@ -345,24 +356,25 @@ class Ranks:
         jobs failed over all of them, the others their own."""
         if not self.spread:
             return trained, failed
-        self.store.add("epochs trained", trained)
-        self.store.add("jobs failed", failed)
-        if self.store.add("ranks finished", 1) == self.world_size:
+        self._call("add", "epochs trained", trained)
+        self._call("add", "jobs failed", failed)
+        if self._call("add", "ranks finished", 1) == self.world_size:
             self.share("all finished", "1")
         if self.rank != 0:
             return trained, failed
         self.wait("all finished")
-        return self.store.add("epochs trained", 0), self.store.add("jobs failed", 0)
+        return self._call("add", "epochs trained", 0), self._call("add", "jobs failed", 0)
 
     def first_to_stop(self):
         """Whether this is the first rank to stop early (Ctrl-C, or torchrun ending it because another
-        rank failed): that one prints how to continue. True too when the store is gone with its host."""
+        rank failed): that one prints how to continue. Where rank 0 serves the store (older torch) and
+        has ended, it was first, or it was killed and no rank can know who is first: False either way."""
         if not self.spread:
             return True
         try:
-            return self.store.add("ranks stopped", 1) == 1
-        except RuntimeError:  # the store went with the process that served it (torch.distributed.DistError)
-            return True
+            return self._call("add", "ranks stopped", 1) == 1
+        except RanksLost:
+            return False
 
     def record(self, device, threads):
         """What config.json keeps of this rank: where it ran and how."""
