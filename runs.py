@@ -358,11 +358,11 @@ class Ranks:
             return trained, failed
         self._call("add", "epochs trained", trained)
         self._call("add", "jobs failed", failed)
-        if self._call("add", "ranks finished", 1) == self.world_size:
-            self.share("all finished", "1")
+        self._call("add", "ranks finished", 1)
         if self.rank != 0:
             return trained, failed
-        self.wait("all finished")
+        while self._call("add", "ranks finished", 0) < self.world_size:
+            time.sleep(0.05)
         return self._call("add", "epochs trained", 0), self._call("add", "jobs failed", 0)
 
     def first_to_stop(self):
