@@ -541,10 +541,12 @@ def load_splits(data_dir, idx_dir, device, train_limit=None, test_limit=None):
 
 def safe_console():
     """Make stdout and stderr write what the console cannot encode (a Hangul path on a CP1252 console)
-    as escapes instead of raising. Each script calls it when run, never on import."""
+    as escapes instead of raising, and each line in one write, even under PYTHONUNBUFFERED (which
+    writes a print's text and its newline apart): torchrun's ranks share one stdout, and their lines
+    must not interleave. Each script calls it when run, never on import."""
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(AttributeError, ValueError):  # a stream replaced by a notebook or a test
-            stream.reconfigure(errors="backslashreplace")
+            stream.reconfigure(errors="backslashreplace", line_buffering=True, write_through=False)
 
 
 def main(argv=()):

@@ -4,6 +4,7 @@ The ranks here are real torchrun processes on this machine's CPU (two, one threa
 small subset; the job queue's hand-out is also checked in-process with a store shared by threads.
 """
 
+import io
 import os
 import re
 import signal
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 from conftest import ROOT, epochs_without_time, run_main
 
+import dataset
 import main
 import runs
 from runs import Ranks
@@ -41,7 +43,8 @@ def torchrun(mnist_dir, out_dir, *extra):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(ROOT / "main.py"), "--data-dir", str(mnist_dir), "--out-dir", str(out_dir), "--run-name", "run",
                *SETTINGS, *extra]  # fmt: skip
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out_dir)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # as in many containers: a print is then two writes, unless...
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out_dir, env=env)
 
 
 def trained_epochs(output):
@@ -66,7 +69,7 @@ def test_two_ranks_train_each_job_once_with_the_numbers_of_one_process(mnist_dir
     epochs = trained_epochs(output)
     assert sorted((name, seed, epoch) for _, name, seed, epoch in epochs) == sorted(
         (name, seed, epoch) for name, seed in JOBS for epoch in (1, 2, 3)
-    )
+    ), output
     for name, seed in JOBS:  # one rank trained the whole job
         assert len({rank for rank, n, s, _ in epochs if (n, s) == (name, seed)}) == 1
     config = runs.read_json(tmp_path / "run" / "config.json")
@@ -180,3 +183,30 @@ def test_ranks_take_the_slowest_models_first_and_one_process_keeps_seed_order():
     cfg = {"seeds": [0, 1], "model": ["lenet5", "mlp", "lenet5_reg"]}
     assert runs.jobs(cfg) == [(name, seed) for seed in (0, 1) for name in ("lenet5", "mlp", "lenet5_reg")]
     assert runs.jobs(cfg, slowest_first=True) == [(name, seed) for name in runs.SLOWEST_FIRST for seed in (0, 1)]
+
+
+class RecordedWrites(io.RawIOBase):
+    """A raw stream that keeps each write it is given, as a console or pipe would receive them."""
+
+    def __init__(self):
+        self.writes = []
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.writes.append(bytes(data))
+        return len(data)
+
+
+def test_each_printed_line_is_one_write_so_the_lines_of_ranks_never_interleave(monkeypatch):
+    raw = RecordedWrites()
+    unbuffered = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)  # sys.stdout under PYTHONUNBUFFERED
+    monkeypatch.setattr(sys, "stdout", unbuffered)
+    dataset.safe_console()  # what every script does first, when run
+    print("rank 1 | lenet5     seed 1 epoch 3/3 | train loss 0.1179")
+    print("rank 1 | interrupted: completed epochs are saved", flush=True)
+    assert raw.writes == [
+        b"rank 1 | lenet5     seed 1 epoch 3/3 | train loss 0.1179\n",
+        b"rank 1 | interrupted: completed epochs are saved\n",
+    ]
