@@ -218,6 +218,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return self.reply(404, {"error": f"no page {self.path}; the page is /"})
         self.reply(200, PAGE.read_bytes(), "text/html; charset=utf-8")
 
+    def discard(self, length):
+        """Read and drop a refused body, so that the client, still sending it, gets to read the answer
+        instead of a broken pipe; a body too large even for that is left unread."""
+        if length > 4 * MAX_BODY:
+            return
+        while length > 0 and (chunk := self.rfile.read(min(length, 1 << 16))):
+            length -= len(chunk)
+
     def do_POST(self):
         if self.path != "/predict":
             return self.reply(404, {"error": f"no endpoint {self.path}; POST an image to /predict"})
@@ -227,7 +235,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return self.reply(411, {"error": "the request needs a Content-Length"})
         if length > MAX_BODY:
-            self.close_connection = True  # the body is never read
+            self.discard(length)
+            self.close_connection = True
             return self.reply(413, {"error": f"the image is {length:,} bytes, more than {MAX_BODY:,}"})
         try:
             models, view = answer(self.models, self.rfile.read(length))
