@@ -532,8 +532,8 @@ def find_splits(data_dir="data", idx_dir=None, folders=True):
 
 def load_splits(data_dir, idx_dir, device, train_limit=None, test_limit=None):
     """The training and test sets in ``data_dir`` (see ``find_splits``), on ``device``; DatasetError if unreadable."""
-    train_path, test_path = find_splits(data_dir, idx_dir)
     try:
+        train_path, test_path = find_splits(data_dir, idx_dir)
         return MNIST(train_path, limit=train_limit).to(device), MNIST(test_path, limit=test_limit).to(device)
     except OSError as e:
         raise DatasetError(f"{e.filename}: cannot read it ({e.strerror})") from None
