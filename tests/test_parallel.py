@@ -21,6 +21,7 @@ from conftest import ROOT, epochs_without_time, run_main
 import dataset
 import main
 import runs
+from model import MODELS
 from runs import Ranks
 
 JOBS = [("lenet5", 0), ("mlp", 0), ("lenet5", 1), ("mlp", 1)]
@@ -182,7 +183,10 @@ def test_each_rank_of_a_machine_trains_on_gpu_local_rank_modulo_the_gpus(monkeyp
 def test_ranks_take_the_slowest_models_first_and_one_process_keeps_seed_order():
     cfg = {"seeds": [0, 1], "model": ["lenet5", "mlp", "lenet5_reg"]}
     assert runs.jobs(cfg) == [(name, seed) for seed in (0, 1) for name in ("lenet5", "mlp", "lenet5_reg")]
-    assert runs.jobs(cfg, slowest_first=True) == [(name, seed) for name in runs.SLOWEST_FIRST for seed in (0, 1)]
+    assert runs.jobs(cfg, slowest_first=True) == [
+        (name, seed) for name in ("lenet5_reg", "lenet5", "mlp") for seed in (0, 1)
+    ]
+    assert sorted(runs.SLOWEST_FIRST) == sorted(MODELS)  # every model has its place in the order
 
 
 class RecordedWrites(io.RawIOBase):
