@@ -12,8 +12,10 @@ Seconds to load train.tar the first time (every PNG decoded) and from the cache,
 (b) Seconds per training epoch at batch 32, per model, for
     textbook  the textbook loader and an eager loop that calls loss.item() every step,
     plain     an eager loop over in-memory normalized tensors (NCHW, default SGD, .item() every step),
-    main      main.train() over batch_loader(), as python main.py runs it;
-    on CUDA also  main.train() with every kernel launched from Python (no CUDA graph).
+    main      main.train() over batch_loader(), as python main.py runs it (for lenet5_reg, over the
+              split that MNIST.distorted() augments once per epoch, its time added to the epoch's);
+    on CUDA also  main.train() with every kernel launched from Python (no CUDA graph);
+    for lenet5_reg also  main.train() without its augmentation, to give the augmentation's cost.
 Every time is the median of --repeats interleaved runs; epochs are extrapolated from --steps steps.
 Prints a table, then one JSON line with every number.
 """
@@ -222,15 +224,23 @@ def run(args):
     }
 
     main_defaults = vars(main.parse_args([]))
+    distorted = project.distorted()
     epochs = {}
     for name in args.models.split(","):
+        augmented = main.uses_augmentation(name, main_defaults)
+        served = distorted if augmented else project
         loops = {
             "textbook": lambda name=name: textbook_epoch(BASELINE_MODELS[name](), textbook_loader(), steps, device),
             "plain": lambda name=name: plain_epoch(BASELINE_MODELS[name](), project.normalized, project.labels, steps),
-            "main": lambda name=name: main_epoch(name, main_defaults, project, steps),
+            "main": lambda name=name, served=served: main_epoch(name, main_defaults, served, steps),
         }
         if device.type == "cuda":
-            loops["main_no_graph"] = lambda name=name: main_epoch(name, main_defaults, project, steps, cuda_graph=False)
+            loops["main_no_graph"] = lambda name=name, served=served: main_epoch(
+                name, main_defaults, served, steps, cuda_graph=False
+            )
+        if augmented:
+            loops["main_no_augment"] = lambda name=name: main_epoch(name, main_defaults, project, steps)
+            loops["distort"] = project.distorted  # once per epoch, for the whole split
         for loop in loops.values():  # warm-up: first calls allocate and pick kernels
             loop()
         times = {loop: [] for loop in loops}
@@ -238,6 +248,11 @@ def run(args):
             for loop, fn in loops.items():
                 times[loop].append(seconds(fn, device))
         epochs[name] = {loop: statistics.median(t) * EPOCH_STEPS / steps for loop, t in times.items()}
+        if augmented:  # the split is distorted once an epoch, not once per step
+            distort = epochs[name].pop("distort") * steps / EPOCH_STEPS
+            for loop in ("main", "main_no_graph"):
+                if loop in epochs[name]:
+                    epochs[name][loop] += distort
     return loads, samples, epochs
 
 
@@ -254,7 +269,7 @@ def main_cli(argv=None):
     print(f"{'data path':<10} {'samples/s':>12} {'vs textbook':>12}")
     for name, rate in samples.items():
         print(f"{name:<10} {rate:>12,.0f} {rate / samples['textbook']:>11.1f}x")
-    loops = list(next(iter(epochs.values())))  # textbook, plain, main[, main_no_graph]
+    loops = [loop for loop in next(iter(epochs.values())) if loop != "main_no_augment"]  # textbook, plain, main[, ...]
     ratios = {
         name: {f"main/{loop}": t["main"] / t[loop] for loop in loops if loop != "main"} for name, t in epochs.items()
     }
@@ -264,6 +279,11 @@ def main_cli(argv=None):
     for name, t in epochs.items():
         values = [t[loop] for loop in loops] + list(ratios[name].values())
         print(f"{name:<11}" + "".join(f" {v:>{w}.2f}" for v, w in zip(values, widths)))
+    for name, t in epochs.items():
+        if "main_no_augment" in t:
+            ratios[name]["augmented/not"] = t["main"] / t["main_no_augment"]
+            print(f"{name}'s augmentation: {t['main']:.2f} s per epoch with it, {t['main_no_augment']:.2f} s without "
+                  f"({ratios[name]['augmented/not']:.2f}x)")  # fmt: skip
     result = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -167,7 +167,7 @@ def decode_split(path):
     return torch.from_numpy(np.stack(images)[order]), torch.tensor(labels)[order]
 
 
-def _file_digest(path):
+def file_digest(path):
     digest = hashlib.sha1()  # hashlib.file_digest would do, from Python 3.11 on
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -241,7 +241,7 @@ def load_split(path):
         raise DatasetError(f"{path}: no such file or directory")
     if path.is_dir():
         return decode_split(path)
-    cache = path.parent / ".cache" / f"{path.name}.{_file_digest(path)}.v{CACHE_VERSION}.pt"
+    cache = path.parent / ".cache" / f"{path.name}.{file_digest(path)}.v{CACHE_VERSION}.pt"
     with contextlib.suppress(Exception):  # a damaged cache is decoded afresh
         saved = torch.load(cache, weights_only=True)
         return saved["images"], saved["labels"]
@@ -271,20 +271,140 @@ def normalize(images):
     return TF.normalize(images, [MEAN], [STD])
 
 
-def random_affine(batch, degrees=5.0, translate=0.05, scale=(0.95, 1.05)):
-    """A different random rotation, shift and zoom for each image of a (N, 1, H, W) batch.
+def affine(batch, angle, scale, shift, shear):
+    """Each image of a (N, 1, H, W) batch turned by its own ``angle`` (radians), zoomed by ``scale``,
+    sheared along x by ``shear`` (radians) and moved by ``shift`` (N, 2: x and y, in pixels).
 
-    One ``affine_grid`` + ``grid_sample`` call for the whole batch; uses the
-    global torch RNG, so seeding torch makes it reproducible.
+    One ``affine_grid`` + ``grid_sample`` call for the whole batch (torchvision's ``affine`` takes one
+    set of parameters per call); the background (0) fills what comes in from outside.
     """
-    n, device = batch.shape[0], batch.device
-    angle = torch.empty(n, device=device).uniform_(-degrees, degrees).deg2rad()
-    zoom = torch.empty(n, device=device).uniform_(*scale)
-    shift = torch.empty(n, 2, device=device).uniform_(-2 * translate, 2 * translate)  # the grid spans [-1, 1]
-    cos, sin = angle.cos() / zoom, angle.sin() / zoom
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    n, _, height, width = batch.shape
+    cos, sin, tan = angle.cos(), angle.sin(), shear.tan()
+    # The grid maps output to input coordinates: the inverse of x -> zoom(shear(rotate(x))) + shift.
+    rows = [torch.stack([cos, sin - cos * tan, torch.zeros_like(cos)], 1),
+            torch.stack([-sin, cos + sin * tan, torch.zeros_like(cos)], 1)]  # fmt: skip
+    theta = torch.stack(rows, 1) / scale.view(n, 1, 1)
+    moved = torch.stack([shift[:, 0] * 2 / width, shift[:, 1] * 2 / height], 1)  # the grid spans [-1, 1]
+    theta[:, :, 2] = -(theta[:, :, :2] @ moved.unsqueeze(2)).squeeze(2)
     grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
     return F.grid_sample(batch, grid, align_corners=False, padding_mode="zeros")
+
+
+def lift(batch, level):
+    """The background raised toward white: 0 becomes ``level`` and 1 stays 1 (level per image, or one)."""
+    return torch.lerp(batch, torch.ones_like(batch), _per_image(level, batch))
+
+
+def thicker(batch, width, steps=1):
+    """Strokes thickened by ``width`` pixels on each side (one number, or one per image), at most ``steps``:
+    grey dilation with a 3x3 square once per whole pixel, the last fraction blended in."""
+    width = _per_image(width, batch)
+    for step in range(steps):
+        batch = torch.lerp(batch, F.max_pool2d(batch, 3, stride=1, padding=1), (width - step).clamp(0, 1))
+    return batch
+
+
+def thinner(batch, width, steps=1):
+    """Strokes thinned by ``width`` pixels on each side: grey erosion, the dilation of the negative."""
+    return -thicker(-batch, width, steps)
+
+
+def cover(batch, side, generator=None):
+    """A square of ``side`` pixels (per image, or one) set to the background, placed at random so that
+    its centre lies on the digit's 20x20 box."""
+    n, _, height, width = batch.shape
+    side = _per_image(side, batch).view(n, 1)
+    centre = torch.rand(n, 2, generator=generator, device=batch.device) * 20 + (height - 20) / 2
+    rows = torch.arange(height, device=batch.device, dtype=batch.dtype) + 0.5
+    cols = torch.arange(width, device=batch.device, dtype=batch.dtype) + 0.5
+    inside_y = (rows.view(1, height) - centre[:, :1]).abs() < side / 2  # (N, H)
+    inside_x = (cols.view(1, width) - centre[:, 1:]).abs() < side / 2  # (N, W)
+    covered = inside_y.unsqueeze(2) & inside_x.unsqueeze(1)
+    return batch.masked_fill(covered.unsqueeze(1), 0.0)
+
+
+def noise(batch, sigma, generator=None):
+    """Gaussian noise of standard deviation ``sigma`` (per image, or one), clipped to [0, 1]."""
+    grain = torch.randn(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
+    return (batch + grain * _per_image(sigma, batch)).clamp(0, 1)
+
+
+def salt_and_pepper(batch, fraction, generator=None):
+    """A ``fraction`` of the pixels (per image, or one) set to 0 or 1, half each."""
+    draw = torch.rand(batch.shape, generator=generator, device=batch.device, dtype=batch.dtype)
+    fraction = _per_image(fraction, batch)
+    batch = batch.masked_fill(draw < fraction / 2, 0.0)
+    return batch.masked_fill((draw >= fraction / 2) & (draw < fraction), 1.0)
+
+
+def _per_image(value, batch):
+    """A strength as a (N, 1, 1, 1) tensor: one number for every image, or one per image."""
+    value = torch.as_tensor(value, dtype=batch.dtype, device=batch.device)
+    return value.reshape(-1).expand(batch.shape[0]).reshape(-1, 1, 1, 1)
+
+
+# lenet5_reg's training augmentation: broad ranges of the ways people's digits differ from MNIST's
+# own (docs/recipe.md says why these). Most images get their own rotation, zoom, shear and shift,
+# and about half of them one change of look from LOOKS, each with its own strength.
+ROTATION, ZOOM, SHEAR, SHIFT = 20.0, (0.75, 1.2), 15.0, 3.0  # degrees either way, scale, degrees, pixels
+GEOMETRY_SHARE, LOOK_SHARE = 0.75, 0.4  # the other images keep their shape and place, or their look
+LOOKS = {  # each change of look, given per-image strengths u and v, uniform in [0, 1]
+    "thinner": lambda batch, u, v: thinner(batch, 1.25 * u, steps=2),  # up to 1.25 pixels off each side
+    "thicker": lambda batch, u, v: thicker(batch, 2.5 * u, steps=3),  # up to 2.5 pixels on each side
+    "blurred": lambda batch, u, v: blur(batch, 0.5 + 2.5 * torch.rand(()).item()),  # sigma 0.5 to 3, one per call
+    "covered": lambda batch, u, v: cover(batch, 4 + 12 * u),  # a square of 4 to 16 pixels
+    "grey": lambda batch, u, v: grey(batch, u, v),
+    "noisy": lambda batch, u, v: noise(batch, 0.6 * u),
+    "speckled": lambda batch, u, v: salt_and_pepper(batch, 0.3 * u),
+}
+DISTORT_CHUNK = 1024  # images distorted together: few enough that the blur's sigma varies often
+
+
+def blur(batch, sigma):
+    """A Gaussian blur of standard deviation ``sigma`` pixels, its kernel cut at 2 sigma (a third of the cost of 3)."""
+    side = 2 * math.ceil(2 * sigma) + 1
+    return TF.gaussian_blur(batch, [side, side], [sigma])
+
+
+def grey(batch, u, v):
+    """Ink and background brought together: the contrast between them down to 5% (log-uniform in v),
+    on a background lifted by up to 0.7 (u), as faint pencil or a grey page gives."""
+    return lift(batch * 0.05**v, 0.7 * u)
+
+
+def random_geometry(batch):
+    """Each image of the batch turned, zoomed, sheared and moved at random within ROTATION, ZOOM, SHEAR, SHIFT."""
+    n, device = batch.shape[0], batch.device
+
+    def uniform(low, high, *shape):
+        return torch.empty(n, *shape, device=device).uniform_(low, high)
+
+    return affine(
+        batch,
+        angle=uniform(-ROTATION, ROTATION).deg2rad(),
+        scale=uniform(*map(math.log, ZOOM)).exp(),
+        shift=uniform(-SHIFT, SHIFT, 2),
+        shear=uniform(-SHEAR, SHEAR).deg2rad(),
+    )
+
+
+def distort(batch):
+    """lenet5_reg's augmentation of a (N, 1, 28, 28) batch in [0, 1] with background 0, on the batch's
+    device: ``random_geometry`` on a GEOMETRY_SHARE of the images, then one of LOOKS on a LOOK_SHARE
+    of them, a draw of its own for each image. It draws from torch's global RNGs, so seeding torch
+    repeats it."""
+    n, device = batch.shape[0], batch.device
+    moved = torch.rand(n, device=device) < GEOMETRY_SHARE
+    batch = torch.where(moved.view(n, 1, 1, 1), random_geometry(batch), batch)
+    look = torch.randint(len(LOOKS), (n,), device=device)
+    look = look.masked_fill(torch.rand(n, device=device) >= LOOK_SHARE, -1)  # -1: the look is kept
+    u, v = torch.rand(2, n, 1, 1, 1, device=device)
+    out = batch.clone()
+    for k, change in enumerate(LOOKS.values()):
+        chosen = (look == k).nonzero().squeeze(1)  # waits for the device: a few times per chunk, not per step
+        if len(chosen):
+            out[chosen] = change(batch[chosen], u[chosen], v[chosen])
+    return out
 
 
 class MNIST(Dataset):
@@ -293,31 +413,49 @@ class MNIST(Dataset):
     Args:
         data_dir: directory path containing images (``{ID}_{Label}.png``, e.g. the
             extracted ``data/train/``), or the ``.tar`` they came in (``data/train.tar``).
-        augment: random affine distortion of every image served; only for the
-            training split (main.py never sets it on the test split).
         limit: keep only the first ``limit`` items (by ID), for quick runs.
+
+    ``distorted()`` gives the split with every image augmented, anew for each epoch.
     """
 
-    def __init__(self, data_dir, augment=False, limit=None):
+    def __init__(self, data_dir, limit=None):
         self.path = Path(data_dir)
         self.images, self.labels = load_split(self.path)  # (N, 28, 28) uint8, (N,) int64
         if limit is not None:
             self.images, self.labels = self.images[:limit], self.labels[:limit]
-        self.augment = augment
+        self.augmented = False
         # Scaled and normalized once, as a whole: serving a batch is then a single gather.
         self.normalized = normalize(to_unit(self.images))  # (N, 1, 28, 28) float32
 
     def __len__(self):
         return len(self.labels)
 
-    def with_augment(self, augment):
-        """This split, sharing its tensors, with augmentation switched on or off."""
+    def distorted(self):
+        """This split with every image distorted by ``distort``, a new draw at each call (torch's global
+        RNG): lenet5_reg's training set for one epoch. The labels and uint8 images are shared.
+
+        The whole split is distorted at once, a chunk at a time, before its batches are served: a
+        batch of 32 is too small for the distortion's many small operations to be cheap.
+        """
         split = copy.copy(self)
-        split.augment = augment
+        chunks = self.images.split(DISTORT_CHUNK)
+        split.normalized = torch.cat([normalize(distort(to_unit(chunk))) for chunk in chunks])
+        split.augmented = True
         return split
 
+    def held_out(self, size):
+        """(this split without its last ``size`` items, those last items), sharing its tensors; the second
+        is None when ``size`` is 0. The validation split of ``--val-size``."""
+        if not size:
+            return self, None
+        keep, held = copy.copy(self), copy.copy(self)
+        for name in ("images", "labels", "normalized"):
+            setattr(keep, name, getattr(self, name)[:-size])
+            setattr(held, name, getattr(self, name)[-size:])
+        return keep, held
+
     def to(self, device):
-        """Keep the split on ``device`` (a GPU), so batches are sliced and augmented there."""
+        """Keep the split on ``device`` (a GPU), so batches are sliced and distorted there."""
         self.images, self.labels = self.images.to(device), self.labels.to(device)
         self.normalized = self.normalized.to(device)
         return self
@@ -333,10 +471,7 @@ class MNIST(Dataset):
             return image[0], int(label[0])
         # index_select gathers rows about 1.2x faster than indexing with a tensor, measured in bench.py's data path.
         index = torch.as_tensor(index, device=self.device)
-        labels = self.labels.index_select(0, index)
-        if self.augment:  # distort the [0, 1] images, whose background is 0, then normalize
-            return normalize(random_affine(to_unit(self.images.index_select(0, index)))), labels
-        return self.normalized.index_select(0, index), labels
+        return self.normalized.index_select(0, index), self.labels.index_select(0, index)
 
 
 class BatchSlices(Sampler):

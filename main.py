@@ -7,7 +7,9 @@
     torchrun --standalone --nproc-per-node=2 main.py --seeds 0,1,2   # the jobs spread over 2 processes
 
 Each run writes RUN_DIR/config.json and, per model (and per seed with --seeds),
-stats.json, last.pt and best.pt, all rewritten atomically after every epoch.
+stats.json and last.pt (the model after its last completed epoch), both rewritten atomically
+after every epoch. With --val-size N the last N training images are held out and each epoch
+reports the accuracy on them beside the test set's, for choices made without the test set.
 """
 
 import argparse
@@ -255,11 +257,12 @@ def build(name, cfg, device):
     return model, optimizer, scheduler
 
 
-def run_job(name, seed, cfg, out, train_set, test_set, device, prefix=""):
+def run_job(name, seed, cfg, out, train_set, test_set, device, prefix="", val_set=None):
     """Train one model with one seed for cfg['epochs'], continuing from out/last.pt if present.
 
     Returns the number of epochs it trained (0 for a job that was already complete). Each epoch's
-    line starts with ``prefix`` (the rank, under torchrun).
+    line starts with ``prefix`` (the rank, under torchrun). With ``val_set`` each epoch is also
+    evaluated on it (the validation split held out of the training images).
     """
     torch.manual_seed(seed)
     kwargs = model_kwargs(name, cfg)
@@ -277,11 +280,10 @@ def run_job(name, seed, cfg, out, train_set, test_set, device, prefix=""):
             raise RunError(f"{out / 'last.pt'}: not a checkpoint of this job ({reason})") from None
         stats = saved_stats
     done = len(stats["epochs"])
-    best_acc = max((e["test_acc"] for e in stats["epochs"]), default=-1.0)
 
     generator = torch.Generator()
-    trn_loader = batch_loader(train_set.with_augment(uses_augmentation(name, cfg)), cfg["batch_size"], generator)
     tst_loader = batch_loader(test_set, TEST_BATCH_SIZE)
+    val_loader = val_set and batch_loader(val_set, TEST_BATCH_SIZE)
     show_bar = sys.stdout.isatty() and not cfg["quiet"] and not prefix  # several ranks' bars would garble
 
     for epoch in range(len(stats["epochs"]) + 1, cfg["epochs"] + 1):
@@ -289,11 +291,14 @@ def run_job(name, seed, cfg, out, train_set, test_set, device, prefix=""):
         lr = optimizer.param_groups[0]["lr"]
         torch.manual_seed(epoch_seed(seed, epoch))
         generator.manual_seed(epoch_seed(seed, epoch))
+        epoch_set = train_set.distorted() if uses_augmentation(name, cfg) else train_set
+        trn_loader = batch_loader(epoch_set, cfg["batch_size"], generator)
         bar = tqdm(
             trn_loader, desc=f"{name} {epoch}/{cfg['epochs']}", leave=False, disable=not show_bar, mininterval=0.5
         )
         train_loss, train_acc = train(model, bar, device, criterion, optimizer)
         test_loss, test_acc = test(model, tst_loader, device, criterion)
+        val = dict(zip(("val_loss", "val_acc"), test(model, val_loader, device, criterion))) if val_loader else {}
         scheduler.step()
         seconds = time.perf_counter() - start
         row = {
@@ -302,17 +307,12 @@ def run_job(name, seed, cfg, out, train_set, test_set, device, prefix=""):
             "train_acc": train_acc,
             "test_loss": test_loss,
             "test_acc": test_acc,
+            **val,
             "lr": lr,
             "seconds": seconds,
         }
         stats["epochs"].append(row)
         write_json(out / "stats.json", stats)
-        if test_acc > best_acc:
-            best_acc = test_acc
-            save_checkpoint(
-                out / "best.pt",
-                {"epoch": epoch, "test_acc": test_acc, "name": name, "kwargs": kwargs, "model": model.state_dict()},
-            )
         # last.pt is written last: it marks the epoch complete (resuming trims stats to its epoch).
         save_checkpoint(
             out / "last.pt",
@@ -324,9 +324,10 @@ def run_job(name, seed, cfg, out, train_set, test_set, device, prefix=""):
                 "rng": torch.get_rng_state(),
             },
         )
+        val_text = f" | val loss {val['val_loss']:.4f} acc {val['val_acc']:7.2%}" if val else ""
         print(
             f"{prefix}{name:<10} seed {seed} epoch {epoch:>{len(str(cfg['epochs']))}}/{cfg['epochs']}"
-            f" | train loss {train_loss:.4f} acc {train_acc:7.2%}"
+            f" | train loss {train_loss:.4f} acc {train_acc:7.2%}{val_text}"
             f" | test loss {test_loss:.4f} acc {test_acc:7.2%} | {seconds:5.1f} s",
             flush=True,
         )
@@ -397,7 +398,7 @@ def build_parser():
     )
     p.add_argument("--seed", type=WHOLE, default=0, help="random seed (initialization, shuffling, dropout)")
     p.add_argument("--seeds", type=seed_list, help="comma list of seeds: each model once per seed, in seed<k>/")
-    p.add_argument("--dropout", type=DECIMAL, default=0.25, help="dropout rate of lenet5_reg (0 turns it off)")
+    p.add_argument("--dropout", type=DECIMAL, default=0.0, help="dropout rate of lenet5_reg (ablation: 0.25)")
     p.add_argument("--no-batchnorm", action="store_true", help="lenet5_reg without BatchNorm (ablation)")
     p.add_argument("--no-augment", action="store_true", help="lenet5_reg without data augmentation (ablation)")
     p.add_argument("--device", type=device_arg, default="auto", help="where to train: auto, cpu, cuda, cuda:N or mps")
@@ -414,6 +415,9 @@ def build_parser():
     p.add_argument("--run-name", type=run_name, help="name of this run's folder; the time when not given")
     p.add_argument("--train-limit", type=POSITIVE_WHOLE, help="use only the first N training images")
     p.add_argument("--test-limit", type=POSITIVE_WHOLE, help="use only the first N test images")
+    p.add_argument(
+        "--val-size", type=WHOLE, default=0, help="hold out the last N training images as a validation split"
+    )
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue this run with its saved settings")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -459,6 +463,8 @@ def parse_args(argv=None, ranks=None):
     if min(args.batch_size, args.train_limit or args.batch_size) == 1:  # train() would see no batch it can use
         flag = "--batch-size" if args.batch_size == 1 else "--train-limit"
         p.error(f"argument {flag}: must be at least 2 (a batch of one image is skipped: BatchNorm needs two)")
+    if args.val_size < 0 or (args.train_limit and args.val_size > args.train_limit - 2):
+        p.error(f"argument --val-size: must leave at least 2 of the training images to train on, got {args.val_size}")
     try:
         args.device = pick_device(args.device, ranks.local_rank if ranks.spread else None)
     except ValueError as e:
@@ -563,6 +569,10 @@ def start_run(args, ranks):
         code = 1
     else:
         code = None
+        if cfg["val_size"] > len(train_set) - 2:
+            print(f"{say}error: --val-size {cfg['val_size']} leaves fewer than 2 of the {len(train_set)} "
+                  "training images to train on", file=sys.stderr)  # fmt: skip
+            code = 1
     if ranks.rank == 0:
         if code is None:
             try:
@@ -595,13 +605,14 @@ def train_all(run_dir, cfg, train_set, test_set, device, ranks=None):
     threads = f", {torch.get_num_threads()} thread{'s' * (torch.get_num_threads() > 1)}" if device.type == "cpu" else ""
     print(f"{say}run {run_dir} on {device}{threads}", flush=True)
     todo = runs.jobs(cfg, slowest_first=ranks.spread)
+    train_set, val_set = train_set.held_out(cfg["val_size"])
     trained, failed = 0, 0
     try:
         for index in ranks.take(len(todo)):
             name, seed = todo[index]
             out = job_dir(run_dir, name, seed, cfg["per_seed"])
             try:
-                trained += run_job(name, seed, cfg, out, train_set, test_set, device, say)
+                trained += run_job(name, seed, cfg, out, train_set, test_set, device, say, val_set)
             except RunError as e:
                 print(f"{say}error: {e}; move {out} away to train {name} seed {seed} from scratch", file=sys.stderr)
                 failed += 1

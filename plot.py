@@ -5,8 +5,9 @@
 
 Writes, under RUN_DIR/plots/: <model>_curves.png (train/test loss and accuracy
 per epoch, mean and a band of +-1 std over seeds), comparison.png (all models,
-and all runs given, on the same four panels), and for each model with best.pt
-<model>_confusion.png and <model>_misclassified.png; then RUN_DIR/report.md.
+and all runs given, on the same four panels), and from each model's final weights
+(last.pt) <model>_confusion.png, <model>_misclassified.png and robustness.png (the
+sweep of robustness.py, kept in RUN_DIR/robustness.json); then RUN_DIR/report.md.
 """
 
 import argparse
@@ -25,6 +26,7 @@ from matplotlib.ft2font import FT2Font
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid
 
+import robustness
 import runs
 from dataset import MNIST, DatasetError, batch_loader, safe_console, split_path, write_text
 from main import TEST_BATCH_SIZE
@@ -170,26 +172,27 @@ def plot_comparison(runs_, out, unavailable=frozenset()):
 
 
 def predict(folder, test_set):
-    """(predictions on the test set, best.pt) of a model folder; None if it has no usable best.pt."""
+    """(predictions on the test set, stats row of the epoch) of a job folder's final weights (last.pt);
+    None if they are unusable."""
     try:
-        model, best = runs.load_model(folder / "best.pt")
+        model, row = runs.load_model(folder)
     except RunError as e:
-        warn(f"{e}, so no confusion matrix or misclassified digits for {folder}")
+        warn(f"{e}, so no confusion matrix, misclassified digits or robustness sweep for {folder}")
         return None
     with torch.inference_mode():
         loader = batch_loader(test_set, TEST_BATCH_SIZE)
-        return torch.cat([model(images).argmax(1) for images, _ in loader]), best
+        return torch.cat([model(images).argmax(1) for images, _ in loader]), row
 
 
-def checkpoint_note(bests):
-    """Which checkpoints a figure shows: best.pt, its epoch and test accuracy (per seed)."""
-    if len(bests) == 1:
-        return f"best.pt: epoch {bests[0]['epoch']}, test accuracy {bests[0]['test_acc']:.2%}"
-    epochs = ", ".join(str(b["epoch"]) for b in bests)
-    return f"best.pt of {len(bests)} seeds: epochs {epochs}, test accuracy {mean_std([b['test_acc'] for b in bests])}"
+def checkpoint_note(rows):
+    """Which weights a figure shows: each seed's last.pt, its epoch and test accuracy."""
+    if len(rows) == 1:
+        return f"last.pt: epoch {rows[0]['epoch']}, test accuracy {rows[0]['test_acc']:.2%}"
+    epochs = ", ".join(sorted({str(r["epoch"]) for r in rows}))
+    return f"last.pt of {len(rows)} seeds: epoch {epochs}, test accuracy {mean_std([r['test_acc'] for r in rows])}"
 
 
-def plot_confusion(name, confusion, bests, out):
+def plot_confusion(name, confusion, rows, out):
     """confusion[true, predicted], counts (averaged over seeds)."""
     fig = Figure(figsize=(6.5, 5.5), layout="constrained")
     ax = fig.subplots()
@@ -200,12 +203,12 @@ def plot_confusion(name, confusion, bests, out):
             color = "white" if count > confusion.max() / 4 else "black"
             ax.text(pred, true, f"{count:.0f}", ha="center", va="center", fontsize=7, color=color)
     ax.set(xticks=range(10), yticks=range(10), xlabel="predicted label", ylabel="true label")
-    ax.set_title(f"{name}: test confusion matrix\n{checkpoint_note(bests)}")
+    ax.set_title(f"{name}: test confusion matrix\n{checkpoint_note(rows)}")
     fig.colorbar(image, ax=ax, label="test images (log scale)")
     return save(fig, out / f"{name}_confusion.png")
 
 
-def plot_misclassified(name, test_set, predictions, best, out):
+def plot_misclassified(name, test_set, predictions, row, out):
     wrong = (predictions != test_set.labels).nonzero().flatten()
     if len(wrong) == 0:
         return None
@@ -223,35 +226,100 @@ def plot_misclassified(name, test_set, predictions, best, out):
         ax.text(x, y, f"{true}→{pred}", color="red", fontsize=9, fontweight="bold", va="top")
     ax.set_axis_off()
     count = f"all {len(wrong)}" if len(shown) == len(wrong) else f"the first {len(shown)} of {len(wrong)}"
-    ax.set_title(f"{name}: misclassified test digits (true→predicted), {count}\n{checkpoint_note([best])}")
+    ax.set_title(f"{name}: misclassified test digits (true→predicted), {count}\n{checkpoint_note([row])}")
     return save(fig, out / f"{name}_misclassified.png")
 
 
 # --------------------------------------------------------------------------- report
 
 
-def report(run_dir, run, per_class, figures):
+def robustness_tables(sweep):
+    """report.md's robustness section: per family, each model's mean accuracy over the five strengths,
+    and its accuracy at the strongest; then the clean accuracy and the mean over the whole sweep."""
+    if not sweep:
+        return []
+    names = list(by_model(sweep))
+    accuracies = by_model(sweep)
+    lines = ["", "## Robustness: the test digits changed (robustness.py)", ""]
+    lines += ["Accuracy of the final weights, mean over the five strengths of each family (at the strongest"]
+    lines += ["in brackets); mean ± std over seeds where there are several.", ""]
+    lines += ["| family | strengths | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    for family, (unit, strengths, _) in robustness.FAMILIES.items():
+        cells = [
+            f"{mean_std([statistics.fmean(a[family][1:]) for a in accuracies[n]], 1)}"
+            f" ({mean_std([a[family][-1] for a in accuracies[n]], 1)})"
+            for n in names
+        ]
+        lines.append(f"| {family} | {', '.join(f'{s:g}' for s in strengths[1:])} {unit} | " + " | ".join(cells) + " |")
+    clean = [mean_std([a["shift"][0] for a in accuracies[n]]) for n in names]
+    mean = [mean_std([robustness.sweep_mean(a) for a in accuracies[n]]) for n in names]
+    lines.append("| **clean test set** | | " + " | ".join(clean) + " |")
+    lines.append("| **mean over the sweep** | | " + " | ".join(mean) + " |")
+    return lines
+
+
+def by_model(sweep):
+    """{model: [each seed's {family: [accuracy per strength]}]}, in the registry's order."""
+    found = {}
+    for job in sweep.values():
+        found.setdefault(job["model"], []).append(job["accuracy"])
+    return {name: found[name] for name in MODELS if name in found}
+
+
+def plot_robustness(sweep, out):
+    """One small panel per family: accuracy against strength (none to severe, left to right), a line
+    per model with its seed band."""
+    families, cols = robustness.FAMILIES, 5
+    rows = math.ceil((len(families) + 1) / cols)  # one panel more, for the legend
+    fig = Figure(figsize=(12.5, 2.5 * rows), layout="constrained")
+    axes = list(fig.subplots(rows, cols, sharey=True, squeeze=False).flat)
+    accuracies = by_model(sweep)
+    for ax, (family, (unit, strengths, _)) in zip(axes, families.items()):
+        levels = range(len(strengths))
+        for name, seeds in accuracies.items():
+            values = np.array([a[family] for a in seeds]) * 100  # (seeds, strengths)
+            (line,) = ax.plot(levels, values.mean(0), marker="o", markersize=3, label=name)
+            if len(seeds) > 1:
+                low, high = values.mean(0) - values.std(0, ddof=1), values.mean(0) + values.std(0, ddof=1)
+                ax.fill_between(levels, low, high, color=line.get_color(), alpha=0.2)
+        ax.set_title(family, fontsize=10)
+        ax.set_xlabel(unit, fontsize=8)
+        ax.set_xticks(levels, [f"{s:g}" for s in strengths])
+        ax.tick_params(labelsize=7)
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(families) :]:
+        ax.set_axis_off()
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    seeds = max(len(s) for s in accuracies.values())
+    axes[len(families)].legend(handles, labels, loc="center", title=f"accuracy (%){seeds_note(seeds)}")
+    fig.suptitle("Robustness: test accuracy as the digits are changed more and more (final weights)")
+    return save(fig, out / "robustness.png")
+
+
+def report(run_dir, run, per_class, figures, sweep=None):
     lines = [f"# Report: {run_dir.name}", "", "## Results", ""]
     seeds_in = max(len(seeds) for seeds in run.values())
     if seeds_in > 1:
         lines += [f"Accuracies are mean ± std over {seeds_in} seeds.", ""]
+    validated = all("val_acc" in s["epochs"][-1] for seeds in run.values() for _, s in seeds)
     lines += [
-        "| model | parameters | final test acc | best test acc (epoch) | final train acc | s/epoch | reference |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| model | parameters | final test acc | " + "final val acc | " * validated
+        + "final train acc | s/epoch | reference |",
+        "|---|---:|---:|" + "---:|" * validated + "---:|---:|---|",
     ]
     for name, seeds in run.items():
         stats = [s for _, s in seeds]
         final = [s["epochs"][-1] for s in stats]
-        bests = [max(s["epochs"], key=lambda e: e["test_acc"]) for s in stats]
-        best_epochs = ", ".join(str(b["epoch"]) for b in bests)
         seconds = statistics.fmean(e["seconds"] for s in stats for e in s["epochs"])
+        val = f" | {mean_std([f['val_acc'] for f in final])}" if validated else ""
         lines.append(
-            f"| {name} | {stats[0]['params']:,} | {mean_std([f['test_acc'] for f in final])}"
-            f" | {mean_std([b['test_acc'] for b in bests])} ({best_epochs})"
+            f"| {name} | {stats[0]['params']:,} | {mean_std([f['test_acc'] for f in final])}{val}"
             f" | {mean_std([f['train_acc'] for f in final])} | {seconds:.1f} | {REFERENCE.get(name, '')} |"
         )
+    lines += robustness_tables(sweep)
     if per_class:
-        lines += ["", "## Test accuracy per class (best checkpoint)", ""]
+        lines += ["", "## Test accuracy per class (final weights)", ""]
         lines += ["| model | " + " | ".join(map(str, range(10))) + " |", "|---|" + "---:|" * 10]
         for name, accs in per_class.items():
             cells = [mean_std([a[c] for a in accs], digits=1) for c in range(10)]
@@ -288,21 +356,29 @@ def confusion_matrix(labels, predictions):
 
 
 def plot_run(run_dir, run, data_dir):
+    """The run's figures; returns (figures, per-class accuracies, robustness sweep)."""
     out = run_dir / "plots"
     figures = [plot_model_curves(name, seeds, out) for name, seeds in run.items()]
     test_set = load_test_split(run_dir, data_dir)
     if test_set is None:
-        return figures, {}
-    per_class = {}
+        return figures, {}, {}
+    per_class, usable = {}, {}
     for name, seeds in run.items():
-        results = [r for folder, _ in seeds if (r := predict(folder, test_set)) is not None]
+        results = []
+        for folder, stats in seeds:
+            if (result := predict(folder, test_set)) is not None:
+                results.append(result)
+                usable[folder.relative_to(run_dir).as_posix()] = (name, stats["seed"], folder)
         if not results:
             continue
         confusions = [confusion_matrix(test_set.labels, predictions) for predictions, _ in results]
         per_class[name] = [(c.diagonal() / c.sum(1)).tolist() for c in confusions]
-        figures.append(plot_confusion(name, torch.stack(confusions).mean(0), [best for _, best in results], out))
+        figures.append(plot_confusion(name, torch.stack(confusions).mean(0), [row for _, row in results], out))
         figures.append(plot_misclassified(name, test_set, *results[0], out))
-    return [f for f in figures if f is not None], per_class
+    sweep = robustness.run_sweep(run_dir / "robustness.json", usable, test_set) if usable else {}
+    if sweep:
+        figures.append(plot_robustness(sweep, out))
+    return [f for f in figures if f is not None], per_class, sweep
 
 
 def show(figures):
@@ -346,8 +422,8 @@ def main(argv=()):
     with matplotlib.rc_context({"font.family": families}):
         figures = [plot_comparison(found, next(iter(found)) / "plots", unavailable)]
         for run_dir, run in found.items():
-            run_figures, per_class = plot_run(run_dir, run, args.data_dir)
-            report(run_dir, run, per_class, figures[:1] + run_figures)
+            run_figures, per_class, sweep = plot_run(run_dir, run, args.data_dir)
+            report(run_dir, run, per_class, figures[:1] + run_figures, sweep)
             figures += run_figures
     if args.show:
         show(figures)

@@ -147,21 +147,23 @@ def to_mnist(image):
 
 
 def load_models(run, names=None):
-    """{model name: [model per seed]} from the best.pt files of a run; RunError naming what is wrong."""
+    """{model name: [model per seed]}: the final weights of the jobs the run's config.json lists;
+    RunError naming what is wrong."""
     run_dir = runs.find_run(run)
     if not run_dir.is_dir():
         raise RunError(f"{run}: no such run folder; train first: python main.py")
+    if not (run_dir / "config.json").is_file():
+        raise RunError(f"{run_dir}: no config.json, so not a run of main.py; train first: python main.py")
     models = {}
-    for path in sorted(run_dir.glob("*/best.pt")) + sorted(run_dir.glob("*/seed*/best.pt")):
-        model, best = runs.load_model(path)
-        models.setdefault(best["name"], []).append(model)
+    for name, _, folder in runs.trained_jobs(run_dir):
+        models.setdefault(name, []).append(runs.load_model(folder)[0])
     if names:
         missing = [name for name in names if name not in models]
         if missing:
-            raise RunError(f"{run_dir}: holds no best.pt of {', '.join(missing)}")
+            raise RunError(f"{run_dir}: holds no trained {', '.join(missing)}")
         models = {name: models[name] for name in names}
     if not models:
-        raise RunError(f"{run_dir}: no best.pt in its model folders; train first: python main.py")
+        raise RunError(f"{run_dir}: no trained model in it; train first: python main.py")
     order = list(MODELS)
     return dict(sorted(models.items(), key=lambda item: order.index(item[0])))
 

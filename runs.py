@@ -2,7 +2,7 @@
 
     runs/<run>/config.json                         every setting of the run
     runs/<run>/<model>[/seed<k>]/stats.json        one row per completed epoch
-    runs/<run>/<model>[/seed<k>]/last.pt, best.pt  checkpoints
+    runs/<run>/<model>[/seed<k>]/last.pt           the model, optimizer and schedule after the last epoch
     runs/latest                                    the newest run
 
 A run folder is made only when training starts, under a name no other run has.
@@ -17,6 +17,7 @@ torch.distributed's store whenever it is free, so each job is trained exactly on
 """
 
 import json
+import math
 import os
 import shlex
 import socket
@@ -48,6 +49,7 @@ EXPERIMENT = {
     "no_augment": bool,
     "train_limit": (int, type(None)),
     "test_limit": (int, type(None)),
+    "val_size": int,
     "data_dir": str,
 }
 
@@ -131,6 +133,14 @@ def jobs(cfg, slowest_first=False):
     return sorted(order, key=lambda job: SLOWEST_FIRST.index(job[0])) if slowest_first else order
 
 
+def trained_jobs(run_dir, cfg=None):
+    """(model, seed, folder) of each job that config.json lists and that has completed an epoch, in the
+    run's order; folders it does not list (a job moved aside, say) are not the run's."""
+    cfg = cfg or read_config(run_dir)
+    found = [(name, seed, job_dir(run_dir, name, seed, cfg["per_seed"])) for name, seed in jobs(cfg)]
+    return [(name, seed, folder) for name, seed, folder in found if (folder / "last.pt").is_file()]
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -167,6 +177,7 @@ def read_config(run_dir):
     cfg = read_json(path)
     if not isinstance(cfg, dict):
         raise RunError(f"{path}: not a config.json of main.py (not a JSON object)")
+    cfg.setdefault("val_size", 0)  # runs made before --val-size held none out
     wrong = [key for key, kind in EXPERIMENT.items() if not _is(cfg.get(key), kind)]
     if not wrong:
         wrong = [key for key in ("model", "seeds") if not cfg[key]]
@@ -214,16 +225,21 @@ def load_checkpoint(path, device="cpu"):
     return checkpoint
 
 
-def load_model(path):
-    """The model a best.pt holds, in eval mode on the CPU, and the checkpoint; RunError if it is not one."""
-    best = load_checkpoint(path)
+def load_model(folder):
+    """The model a job folder ended with (last.pt, the weights its results table reports), in eval mode
+    on the CPU, and that epoch's stats.json row; RunError naming the file when either is unusable."""
+    folder = Path(folder)
+    stats, last = read_stats(folder / "stats.json"), load_checkpoint(folder / "last.pt")
     try:
-        model = MODELS[best["name"]](**best["kwargs"])
-        model.load_state_dict(best["model"])
+        model = MODELS[stats["model"]](**stats.get("kwargs", {}))
+        model.load_state_dict(last["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"{path}: not a checkpoint of a known model ({reason})") from None
-    return model.eval(), best
+        raise RunError(f"{folder / 'last.pt'}: not a checkpoint of {stats['model']} ({reason})") from None
+    if len(stats["epochs"]) < last["epoch"]:
+        raise RunError(f"{folder / 'stats.json'}: holds {len(stats['epochs'])} epochs, but last.pt is from epoch {last['epoch']}")
+    model = model.to(memory_format=MODELS[stats["model"]].memory_format)
+    return model.eval(), stats["epochs"][last["epoch"] - 1]
 
 
 def saved_state(out, device):
@@ -248,10 +264,9 @@ def saved_state(out, device):
 
 
 def summary(run_dir, cfg):
-    """The table of a run's jobs: model, seed, final and best test accuracy (epoch), minutes."""
-    lines = [
-        f"{'model':<10}  {'seed':>4}  {'epochs':>6}  {'final test acc':>14}  {'best test acc':>18}  {'minutes':>7}"
-    ]
+    """The table of a run's jobs: model, seed, epochs, final test (and validation) accuracy, minutes."""
+    val = cfg["val_size"] > 0
+    lines = [f"{'model':<10}  {'seed':>4}  {'epochs':>6}  {'test acc':>8}  " + ("val acc  " * val) + "minutes"]
     for name, seed in jobs(cfg):
         path = job_dir(run_dir, name, seed, cfg["per_seed"]) / "stats.json"
         try:
@@ -259,14 +274,11 @@ def summary(run_dir, cfg):
         except RunError:
             rows = []
         if not rows:
-            lines.append(f"{name:<10}  {seed:>4}  {0:>6}  {'not trained':>14}")
+            lines.append(f"{name:<10}  {seed:>4}  {0:>6}  not trained")
             continue
-        best = max(rows, key=lambda row: row["test_acc"])
         minutes = sum(row["seconds"] for row in rows) / 60
-        best_text = f"{best['test_acc']:.2%} (epoch {best['epoch']})"
-        lines.append(
-            f"{name:<10}  {seed:>4}  {len(rows):>6}  {rows[-1]['test_acc']:>14.2%}  {best_text:>18}  {minutes:>7.1f}"
-        )
+        val_text = f"{rows[-1].get('val_acc', math.nan):>7.2%}  " if val else ""
+        lines.append(f"{name:<10}  {seed:>4}  {len(rows):>6}  {rows[-1]['test_acc']:>8.2%}  {val_text}{minutes:>7.1f}")
     return "\n".join(lines)
 
 

@@ -37,14 +37,17 @@ def test_speedups_change_how_a_step_is_computed_not_what(mnist_dir):
 
 def test_bench_runs_and_reports_every_number(mnist_dir, capsys):
     result = bench.main_cli(
-        ["--steps", "3", "--repeats", "1", "--data-dir", str(mnist_dir), "--models", "mlp", "--device", "cpu"]
+        ["--steps", "3", "--repeats", "1", "--data-dir", str(mnist_dir), "--models", "mlp,lenet5_reg", "--device", "cpu"]
     )
     assert set(result["samples_per_s"]) == {"naive", "textbook", "project"}
     assert result["load_s"]["first"] > result["load_s"]["cached"] > 0
     assert set(result["epoch_s"]["mlp"]) == {"textbook", "plain", "main"}
+    assert set(result["epoch_s"]["lenet5_reg"]) == {"textbook", "plain", "main", "main_no_augment"}
+    assert result["ratios"]["lenet5_reg"]["augmented/not"] > 0 and "augmented/not" not in result["ratios"]["mlp"]
     assert all(v > 0 for v in result["samples_per_s"].values())
     out = capsys.readouterr().out
     assert out.splitlines()[-1].startswith('{"torch"') and "main/textbook" in out
+    assert "lenet5_reg's augmentation: " in out
 
 
 @pytest.mark.parametrize("name", ["lenet5", "lenet5_reg"])

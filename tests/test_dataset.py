@@ -104,14 +104,17 @@ def test_augmentation_distorts_images_but_keeps_labels_and_shapes(good_tar, tmp_
     stroke = digit(0)
     stroke[4:24, 12:16] = 255
     tar = make_tar(tmp_path / "s.tar", [(f"{i}_1.png", png_bytes(stroke)) for i in range(16)])
-    plain, augmented = MNIST(tar), MNIST(tar, augment=True)
+    plain = MNIST(tar)
     torch.manual_seed(0)
+    augmented = plain.distorted()
     images, labels = augmented[list(range(16))]
     assert images.shape == (16, 1, 28, 28) and torch.equal(labels, plain.labels)
-    assert not torch.allclose(images, plain[list(range(16))][0])
-    assert len({tuple(im.flatten().tolist()) for im in images}) == 16  # a different distortion per image
+    assert augmented.augmented and not plain.augmented and augmented.images is plain.images
+    changed = [tuple(im.flatten().tolist()) for im, p in zip(images, plain[list(range(16))][0]) if not torch.equal(im, p)]
+    assert len(changed) >= 8 and len(set(changed)) == len(changed)  # a different distortion per image
     torch.manual_seed(0)
-    assert torch.equal(augmented[list(range(16))][0], images)  # reproducible from the torch seed
+    assert torch.equal(plain.distorted()[list(range(16))][0], images)  # reproducible from the torch seed
+    assert not torch.equal(plain.distorted()[list(range(16))][0], images)  # and new at every call
 
 
 def bad_cases(tmp_path):

@@ -79,8 +79,8 @@ def test_two_ranks_train_each_job_once_with_the_numbers_of_one_process(mnist_dir
         (0, "cpu", THREADS),
         (1, "cpu", THREADS),
     ]
-    table = output[output.index("final test acc") :].splitlines()[1:5]  # one table, once every job is done
-    assert output.count("final test acc") == 1 and [line.split()[:3] for line in table] == [
+    table = output[output.index("test acc  minutes") :].splitlines()[1:5]  # one table, once every job is done
+    assert output.count("test acc  minutes") == 1 and [line.split()[:3] for line in table] == [
         [name, str(seed), "3"] for name, seed in JOBS
     ]
     assert_same_numbers(tmp_path / "run", alone)

@@ -54,13 +54,12 @@ def test_report_numbers_equal_the_stats(run_copy):
     report = (run_copy / "report.md").read_text()
     for name in MODELS:
         stats = json.loads((run_copy / name / "stats.json").read_text())
-        final, best = stats["epochs"][-1], max(stats["epochs"], key=lambda e: e["test_acc"])
+        final = stats["epochs"][-1]
         row = next(line for line in report.splitlines() if line.startswith(f"| {name} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1] == f"{stats['params']:,}"
         assert cells[2] == f"{final['test_acc']:.2%}"
-        assert cells[3] == f"{best['test_acc']:.2%} ({best['epoch']})"
-        assert cells[4] == f"{final['train_acc']:.2%}"
+        assert cells[3] == f"{final['train_acc']:.2%}"
     assert "0.95% error" in report
     for figure in re.findall(r"\]\((.+?)\)", report):
         assert (run_copy / figure).is_file()
@@ -130,10 +129,10 @@ def test_a_broken_stats_file_is_named_and_the_rest_still_drawn(run_copy, capsys,
     assert (run_copy / "plots" / "lenet5_curves.png").exists() and not (run_copy / "plots" / "mlp_curves.png").exists()
 
 
-def test_a_model_without_best_pt_still_gets_its_curves(run_copy, capsys):
-    (run_copy / "lenet5" / "best.pt").unlink()
+def test_a_model_without_last_pt_still_gets_its_curves(run_copy, capsys):
+    (run_copy / "lenet5" / "last.pt").unlink()
     assert plot.main([str(run_copy)]) == 0
-    assert f"{run_copy / 'lenet5' / 'best.pt'}: missing" in capsys.readouterr().err
+    assert f"{run_copy / 'lenet5' / 'last.pt'}: missing" in capsys.readouterr().err
     assert (run_copy / "plots" / "lenet5_curves.png").exists()
     assert not (run_copy / "plots" / "lenet5_confusion.png").exists()
     assert (run_copy / "plots" / "mlp_confusion.png").exists()
@@ -147,10 +146,10 @@ def saved_titles(monkeypatch):
 def test_figures_name_the_checkpoint_they_show(run_copy, trained_run, tmp_path, monkeypatch):
     titles = saved_titles(monkeypatch)
     assert plot.main([str(run_copy)]) == 0
-    best = torch.load(run_copy / "lenet5/best.pt", weights_only=True)
-    note = f"best.pt: epoch {best['epoch']}, test accuracy {best['test_acc']:.2%}"
+    final = json.loads((run_copy / "lenet5/stats.json").read_text())["epochs"][-1]
+    note = f"last.pt: epoch 2, test accuracy {final['test_acc']:.2%}"
     assert titles["lenet5_confusion.png"] == [f"lenet5: test confusion matrix\n{note}"]
-    wrong = round((1 - best["test_acc"]) * 300)  # the run tests on 300 images
+    wrong = round((1 - final["test_acc"]) * 300)  # the run tests on 300 images
     count = f"all {wrong}" if wrong <= 64 else f"the first 64 of {wrong}"
     assert titles["lenet5_misclassified.png"] == [
         f"lenet5: misclassified test digits (true→predicted), {count}\n{note}"
@@ -158,11 +157,29 @@ def test_figures_name_the_checkpoint_they_show(run_copy, trained_run, tmp_path, 
 
     seeds = shutil.copytree(trained_run / "seeds", tmp_path / "seeds")
     assert plot.main([str(seeds)]) == 0
-    bests = [torch.load(seeds / f"mlp/seed{s}/best.pt", weights_only=True) for s in (0, 1)]
+    finals = [json.loads((seeds / f"mlp/seed{s}/stats.json").read_text())["epochs"][-1] for s in (0, 1)]
     assert titles["mlp_confusion.png"][0].endswith(
-        f"best.pt of 2 seeds: epochs {bests[0]['epoch']}, {bests[1]['epoch']}, test accuracy "
-        + plot.mean_std([b["test_acc"] for b in bests])
+        "last.pt of 2 seeds: epoch 2, test accuracy " + plot.mean_std([f["test_acc"] for f in finals])
     )
+
+
+def test_figures_show_the_final_epoch_even_when_an_earlier_one_tested_better(mnist_dir, tmp_path, monkeypatch):
+    real_test, accuracies = main.test, iter([0.5, 0.9, 0.7])
+
+    def test_with_these_accuracies(*args):
+        loss, _ = real_test(*args)
+        return loss, next(accuracies)
+
+    monkeypatch.setattr(main, "test", test_with_these_accuracies)
+    common = ["--train-limit", "200", "--test-limit", "100", "--device", "cpu", "--quiet"]
+    assert main.main([*common, "--data-dir", str(mnist_dir), "--out-dir", str(tmp_path), "--run-name", "r",
+                      "--model", "mlp", "--epochs", "3"]) == 0  # fmt: skip
+    monkeypatch.setattr(main, "test", real_test)
+    titles = saved_titles(monkeypatch)
+    assert plot.main([str(tmp_path / "r")]) == 0
+    assert titles["mlp_confusion.png"][0].endswith("last.pt: epoch 3, test accuracy 70.00%")
+    row = next(line for line in (tmp_path / "r/report.md").read_text().splitlines() if line.startswith("| mlp |"))
+    assert "90.00%" not in row and "| 70.00% |" in row
 
 
 def test_a_grid_of_every_error_says_all(run_copy, monkeypatch):
@@ -178,20 +195,20 @@ def test_show_opens_each_figure_whole(run_copy, monkeypatch):
     shown = {}
     monkeypatch.setattr(plt, "show", lambda: shown.update({n: plt.figure(n) for n in plt.get_figlabels()}))
     assert plot.main([str(run_copy), "--show"]) == 0
-    assert len(shown) == 1 + 3 * 3  # comparison, and per model curves, confusion and misclassified
+    assert len(shown) == 2 + 3 * 3  # comparison, robustness, and per model curves, confusion and misclassified
     for name, fig in shown.items():
         with Image.open(run_copy / "plots" / name) as image:
             assert tuple(round(v) for v in fig.get_size_inches() * fig.dpi) == image.size
     plt.close("all")
 
 
-def test_a_corrupt_or_foreign_best_pt_is_named_and_the_rest_drawn(run_copy, capsys):
-    (run_copy / "lenet5/best.pt").write_bytes(b"PK\x03\x04 not really a zip")
-    torch.save({"epoch": 1, "name": "resnet", "kwargs": {}, "model": {}}, run_copy / "mlp/best.pt")
+def test_a_corrupt_or_foreign_last_pt_is_named_and_the_rest_drawn(run_copy, capsys):
+    (run_copy / "lenet5/last.pt").write_bytes(b"PK\x03\x04 not really a zip")
+    torch.save({"epoch": 2, "model": {"fc9.weight": torch.zeros(1)}}, run_copy / "mlp/last.pt")
     assert plot.main([str(run_copy)]) == 0
     err = capsys.readouterr().err
-    assert f"{run_copy / 'lenet5/best.pt'}: not a readable checkpoint" in err
-    assert f"{run_copy / 'mlp/best.pt'}: not a checkpoint of a known model" in err
+    assert f"{run_copy / 'lenet5/last.pt'}: not a readable checkpoint" in err
+    assert f"{run_copy / 'mlp/last.pt'}: not a checkpoint of mlp" in err
     assert (run_copy / "plots/lenet5_reg_confusion.png").exists() and "Traceback" not in err
 
 

@@ -91,7 +91,7 @@ def test_a_blank_image_holds_no_digit(noise):
 
 
 def test_the_test_pngs_through_the_preprocessing_score_as_main_py_reported(one_epoch_run, mnist_dir):
-    model, best = runs.load_model(one_epoch_run / "lenet5/best.pt")
+    model, final = runs.load_model(one_epoch_run / "lenet5")
     images, labels = [], []
     for name, data in dataset._iter_tar(mnist_dir / "test.tar"):
         images.append(predict.to_mnist(predict.open_image(data))[0])
@@ -99,7 +99,7 @@ def test_the_test_pngs_through_the_preprocessing_score_as_main_py_reported(one_e
     with torch.inference_mode():
         predicted = torch.cat([model(batch).argmax(1) for batch in torch.cat(images).split(1000)])
     accuracy = (predicted == torch.tensor(labels)).float().mean().item()
-    assert len(labels) == 10_000 and abs(accuracy - best["test_acc"]) <= 0.003
+    assert len(labels) == 10_000 and abs(accuracy - final["test_acc"]) <= 0.003
 
 
 def photographed(digit, rng):
@@ -120,7 +120,7 @@ def photographed(digit, rng):
 
 def test_photographed_pages_lose_at_most_a_point_of_accuracy(one_epoch_run, test_digits):
     images, labels = test_digits
-    model, _ = runs.load_model(one_epoch_run / "lenet5/best.pt")
+    model, _ = runs.load_model(one_epoch_run / "lenet5")
     rng = np.random.default_rng(0)
     chosen = rng.choice(len(labels), 400, replace=False)
     pages = [predict.to_mnist(predict.open_image(photographed(images[i], rng)))[0] for i in chosen]
@@ -174,12 +174,14 @@ def test_json_gives_ten_probabilities_per_model_and_view_writes_what_the_models_
 
 def test_several_seeds_of_a_model_are_averaged(one_epoch_run, images, tmp_path):
     run = tmp_path / "seeds"
+    config = json.loads((one_epoch_run / "config.json").read_text())
+    runs.write_json(run / "config.json", {**config, "model": ["lenet5"], "seeds": [0, 1], "per_seed": True})
     for seed in (0, 1):
-        (run / "lenet5" / f"seed{seed}").mkdir(parents=True)
-    shutil.copy(one_epoch_run / "lenet5/best.pt", run / "lenet5/seed0/best.pt")
-    best = torch.load(one_epoch_run / "lenet5/best.pt", weights_only=True)
+        shutil.copytree(one_epoch_run / "lenet5", run / "lenet5" / f"seed{seed}")
+    last = torch.load(one_epoch_run / "lenet5/last.pt", weights_only=True)
     torch.manual_seed(1)
-    torch.save({**best, "model": LeNet5().state_dict()}, run / "lenet5/seed1/best.pt")  # a seed that answers otherwise
+    torch.save({**last, "model": LeNet5().state_dict()}, run / "lenet5/seed1/last.pt")  # a seed that answers otherwise
+    shutil.copytree(run / "lenet5/seed0", run / "lenet5.moved/seed0")  # not a job of the run: left out
     models = predict.load_models(run)
     assert list(models) == ["lenet5"] and len(models["lenet5"]) == 2
     image, _ = predict.to_mnist(Image.open(images / "seven.png"))
@@ -208,12 +210,15 @@ def test_bad_images_are_one_line_each_and_the_others_still_answered(one_epoch_ru
 
 def test_a_run_without_checkpoints_or_with_an_unknown_model_is_one_line(one_epoch_run, images, tmp_path, capsys):
     (tmp_path / "empty_run/lenet5").mkdir(parents=True)
-    foreign = tmp_path / "foreign_run/resnet"
-    foreign.mkdir(parents=True)
-    torch.save({"epoch": 1, "name": "resnet", "kwargs": {}, "model": {}}, foreign / "best.pt")
+    untrained = shutil.copytree(one_epoch_run, tmp_path / "untrained_run")
+    for name in ("lenet5", "mlp", "lenet5_reg"):
+        (untrained / name / "last.pt").unlink()
+    foreign = shutil.copytree(one_epoch_run, tmp_path / "foreign_run")
+    torch.save({"epoch": 1, "model": {"fc9.weight": torch.zeros(1)}}, foreign / "mlp/last.pt")
     cases = {
-        tmp_path / "empty_run": "no best.pt in its model folders; train first: python main.py",
-        tmp_path / "foreign_run": f"{foreign / 'best.pt'}: not a checkpoint of a known model",
+        tmp_path / "empty_run": "no config.json, so not a run of main.py; train first: python main.py",
+        untrained: "no trained model in it; train first: python main.py",
+        foreign: f"{foreign / 'mlp/last.pt'}: not a checkpoint of mlp",
         tmp_path / "nowhere": "no such run folder",
     }
     for run, message in cases.items():

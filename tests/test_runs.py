@@ -160,12 +160,10 @@ def test_every_run_ends_with_its_table_and_the_plot_command_even_with_nothing_le
             assert main.main(argv) == 0
         out = capsys.readouterr().out
         table = out[out.index("model ") :].splitlines()
-        assert table[0].split() == ["model", "seed", "epochs", "final", "test", "acc", "best", "test", "acc", "minutes"]
+        assert table[0].split() == ["model", "seed", "epochs", "test", "acc", "minutes"]
         for line, (name, seed) in zip(table[1:5], [("mlp", 3), ("lenet5", 3), ("mlp", 4), ("lenet5", 4)]):
             rows = json.loads((tmp_path / f"run/{name}/seed{seed}/stats.json").read_text())["epochs"]
-            best = max(rows, key=lambda r: r["test_acc"])
             assert line.split()[:4] == [name, str(seed), "2", f"{rows[-1]['test_acc']:.2%}"]
-            assert f"{best['test_acc']:.2%} (epoch {best['epoch']})" in line
         assert out.rstrip().endswith(f"plot it: python plot.py {tmp_path / 'run'}")
     assert "nothing left to train" in out
 
@@ -283,17 +281,28 @@ def test_each_epoch_shuffles_in_its_own_order_and_the_learning_rate_follows_the_
     assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_best_pt_is_written_only_when_the_test_accuracy_improves(mnist_dir, tmp_path, monkeypatch):
-    real_test, accuracies = main.test, iter([0.5, 0.9, 0.7, 0.8])
+def test_val_size_holds_out_the_last_training_images_and_reports_them_each_epoch(mnist_dir, tmp_path, monkeypatch, capsys):
+    trained_on, real_loader = [], main.batch_loader
 
-    def test_with_these_accuracies(*args):
-        loss, _ = real_test(*args)
-        return loss, next(accuracies)
+    def recording_loader(split, batch_size, generator=None):
+        trained_on.append((len(split), split.labels.clone()))
+        return real_loader(split, batch_size, generator)
 
-    monkeypatch.setattr(main, "test", test_with_these_accuracies)
-    assert run_main(mnist_dir, tmp_path, *TINY, "--model", "mlp", "--epochs", "4") == 0
-    best = torch.load(tmp_path / "run/mlp/best.pt", weights_only=True)
-    assert (best["epoch"], best["test_acc"]) == (2, 0.9)
+    monkeypatch.setattr(main, "batch_loader", recording_loader)
+    assert run_main(mnist_dir, tmp_path, *TINY, "--model", "mlp", "--epochs", "2", "--val-size", "100") == 0
+    train_limit = int(TINY[TINY.index("--train-limit") + 1])
+    everything = dataset.MNIST(mnist_dir / "train.tar", limit=train_limit).labels
+    _, (val, val_labels), (train, train_labels), again = trained_on  # test, validation, then each epoch's training
+    assert again[0] == train
+    assert (train, val) == (train_limit - 100, 100)
+    assert torch.equal(train_labels, everything[:-100]) and torch.equal(val_labels, everything[-100:])
+    rows = json.loads((tmp_path / "run/mlp/stats.json").read_text())["epochs"]
+    assert all(0 <= row["val_acc"] <= 1 and row["val_loss"] > 0 for row in rows)
+    out = capsys.readouterr().out
+    assert f"| val loss {rows[0]['val_loss']:.4f} acc {rows[0]['val_acc']:7.2%} |" in out
+    table = out[out.index("model ") :].splitlines()
+    assert table[0].split() == ["model", "seed", "epochs", "test", "acc", "val", "acc", "minutes"]
+    assert table[1].split()[3:5] == [f"{rows[-1]['test_acc']:.2%}", f"{rows[-1]['val_acc']:.2%}"]
 
 
 # --------------------------------------------------------------------------- atomic writes
