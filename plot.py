@@ -292,7 +292,8 @@ def plot_robustness(sweep, out):
         ax.set_axis_off()
     handles, labels = fig.axes[0].get_legend_handles_labels()
     seeds = max(len(s) for s in accuracies.values())
-    axes[len(families)].legend(handles, labels, loc="center", title=f"accuracy (%){seeds_note(seeds)}")
+    legend = axes[len(families)].legend(handles, labels, loc="center left", title=f"accuracy (%){seeds_note(seeds)}")
+    legend.set_in_layout(False)  # it may reach into the empty panel beside it; the panels keep their widths
     fig.suptitle("Robustness: test accuracy as the digits are changed more and more (final weights)")
     return save(fig, out / "robustness.png")
 

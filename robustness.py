@@ -30,6 +30,7 @@ from dataset import affine, blur, cover, file_digest, lift, noise, normalize, sa
 
 BILINEAR = InterpolationMode.BILINEAR
 SWEEP_SEED = 20261201
+VERSION = 1  # raised whenever a change computes differently, so that saved sweeps are made again
 BATCH = 1000  # inference only; on a 2-core CPU 250 to 1,000 are fastest, 2,500 is 1.4x slower
 
 
@@ -145,14 +146,15 @@ def sweep_mean(accuracies):
 def run_sweep(path, jobs, test_set):
     """{job key: {"model", "seed", "accuracy": {family: [accuracy per strength]}}} for ``jobs``
     ({key: (model name, seed, job folder)}), kept in ``path`` (robustness.json). A job is swept again
-    only when its last.pt, the test set or the sweep's definition has changed since."""
+    only when its last.pt, the test set or the sweep itself (its families, strengths or VERSION) has changed."""
     try:
         saved = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         saved = {}
     test = {"path": str(test_set.path), "size": len(test_set)}
-    same = isinstance(saved, dict) and saved.get("families") == definition() and saved.get("test_set") == test
-    kept = saved.get("jobs", {}) if same else {}
+    made = {"version": VERSION, "families": definition(), "test_set": test}
+    same = isinstance(saved, dict) and all(saved.get(key) == value for key, value in made.items())
+    kept = saved["jobs"] if same and isinstance(saved.get("jobs"), dict) else {}
     results, todo = {}, {}
     for key, (name, seed, folder) in jobs.items():
         digest = file_digest(folder / "last.pt")
@@ -164,5 +166,5 @@ def run_sweep(path, jobs, test_set):
         swept = sweep({key: model for key, (*_, model) in todo.items()}, to_unit(test_set.images), test_set.labels)
         for key, (name, seed, digest, _) in todo.items():
             results[key] = {"model": name, "seed": seed, "checkpoint": digest, "accuracy": swept[key]}
-        runs.write_json(path, {"families": definition(), "test_set": test, "jobs": results})
+        runs.write_json(path, {**made, "jobs": results})
     return results

@@ -72,6 +72,8 @@ def test_brightness_lifts_the_background_and_keeps_the_ink(digits):
         lifted = corrupted(images, "brightness", level)
         assert torch.allclose(lifted[images == 0], torch.tensor(float(lifted_to)))
         assert torch.allclose(lifted[images == 1], torch.tensor(1.0))
+        grey = (images > 0) & (images < 1)  # the digit's anti-aliased edges move toward white in proportion
+        assert torch.allclose(lifted[grey], images[grey] + lifted_to * (1 - images[grey]), atol=1e-6)
 
 
 def test_blur_lowers_the_total_variation_level_by_level(digits):
