@@ -255,6 +255,14 @@ def robustness_tables(sweep):
     mean = [mean_std([robustness.sweep_mean(a) for a in accuracies[n]]) for n in names]
     lines.append("| **clean test set** | | " + " | ".join(clean) + " |")
     lines.append("| **mean over the sweep** | | " + " | ".join(mean) + " |")
+    for name in names:
+        lines += ["", f"### {name}: accuracy at each strength", ""]
+        levels = max(len(strengths) for _, strengths, _ in robustness.FAMILIES.values()) - 1
+        lines += ["| family | " + " | ".join(f"strength {k}" for k in range(1, levels + 1)) + " |"]
+        lines += ["|---|" + "---:|" * levels]
+        for family, (unit, strengths, _) in robustness.FAMILIES.items():
+            cells = [f"{s:g}: {mean_std([a[family][k] for a in accuracies[name]], 1)}" for k, s in enumerate(strengths)]
+            lines.append(f"| {family} ({unit}) | " + " | ".join(cells[1:]) + " |")
     return lines
 
 

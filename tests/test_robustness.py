@@ -139,6 +139,7 @@ def test_the_sweep_is_saved_reused_and_redone_for_a_changed_checkpoint(one_epoch
     report = (run / "report.md").read_text()
     mean = plot.mean_std([robustness.sweep_mean(accuracy)])
     assert f"| **mean over the sweep** | | {mean} |" in report
+    assert f"| shift (pixels) | 1: {accuracy['shift'][1] * 100:.1f}% | 2: {accuracy['shift'][2] * 100:.1f}% |" in report
     assert (run / "plots/robustness.png").is_file()
 
     assert plot.main([str(run)]) == 0  # nothing changed: nothing swept
