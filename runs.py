@@ -229,17 +229,17 @@ def load_model(folder):
     """The model a job folder ended with (last.pt, the weights its results table reports), in eval mode
     on the CPU, and that epoch's stats.json row; RunError naming the file when either is unusable."""
     folder = Path(folder)
-    stats, last = read_stats(folder / "stats.json"), load_checkpoint(folder / "last.pt")
+    last, stats = saved_state(folder, "cpu")
+    if last is None:
+        raise RunError(f"{folder / 'last.pt'}: missing")
     try:
         model = MODELS[stats["model"]](**stats.get("kwargs", {}))
         model.load_state_dict(last["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"{folder / 'last.pt'}: not a checkpoint of {stats['model']} ({reason})") from None
-    if len(stats["epochs"]) < last["epoch"]:
-        raise RunError(f"{folder / 'stats.json'}: holds {len(stats['epochs'])} epochs, but last.pt is from epoch {last['epoch']}")
     model = model.to(memory_format=MODELS[stats["model"]].memory_format)
-    return model.eval(), stats["epochs"][last["epoch"] - 1]
+    return model.eval(), stats["epochs"][-1]
 
 
 def saved_state(out, device):

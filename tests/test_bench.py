@@ -37,7 +37,8 @@ def test_speedups_change_how_a_step_is_computed_not_what(mnist_dir):
 
 def test_bench_runs_and_reports_every_number(mnist_dir, capsys):
     result = bench.main_cli(
-        ["--steps", "3", "--repeats", "1", "--data-dir", str(mnist_dir), "--models", "mlp,lenet5_reg", "--device", "cpu"]
+        ["--steps", "3", "--repeats", "1", "--data-dir", str(mnist_dir), "--models", "mlp,lenet5_reg",
+         "--device", "cpu"]  # fmt: skip
     )
     assert set(result["samples_per_s"]) == {"naive", "textbook", "project"}
     assert result["load_s"]["first"] > result["load_s"]["cached"] > 0

@@ -110,7 +110,8 @@ def test_augmentation_distorts_images_but_keeps_labels_and_shapes(good_tar, tmp_
     images, labels = augmented[list(range(16))]
     assert images.shape == (16, 1, 28, 28) and torch.equal(labels, plain.labels)
     assert augmented.augmented and not plain.augmented and augmented.images is plain.images
-    changed = [tuple(im.flatten().tolist()) for im, p in zip(images, plain[list(range(16))][0]) if not torch.equal(im, p)]
+    originals = plain[list(range(16))][0]
+    changed = [tuple(im.flatten().tolist()) for im, p in zip(images, originals) if not torch.equal(im, p)]
     assert len(changed) >= 8 and len(set(changed)) == len(changed)  # a different distortion per image
     torch.manual_seed(0)
     assert torch.equal(plain.distorted()[list(range(16))][0], images)  # reproducible from the torch seed

@@ -281,7 +281,9 @@ def test_each_epoch_shuffles_in_its_own_order_and_the_learning_rate_follows_the_
     assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_val_size_holds_out_the_last_training_images_and_reports_them_each_epoch(mnist_dir, tmp_path, monkeypatch, capsys):
+def test_val_size_holds_out_the_last_training_images_and_reports_them_each_epoch(
+    mnist_dir, tmp_path, monkeypatch, capsys
+):
     trained_on, real_loader = [], main.batch_loader
 
     def recording_loader(split, batch_size, generator=None):
