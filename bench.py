@@ -224,11 +224,10 @@ def run(args):
     }
 
     main_defaults = vars(main.parse_args([]))
-    distorted = project.distorted()
     epochs = {}
     for name in args.models.split(","):
         augmented = main.uses_augmentation(name, main_defaults)
-        served = distorted if augmented else project
+        served = project.distorted() if augmented else project  # one epoch's distorted split
         loops = {
             "textbook": lambda name=name: textbook_epoch(BASELINE_MODELS[name](), textbook_loader(), steps, device),
             "plain": lambda name=name: plain_epoch(BASELINE_MODELS[name](), project.normalized, project.labels, steps),

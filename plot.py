@@ -171,17 +171,19 @@ def plot_comparison(runs_, out, unavailable=frozenset()):
     return save(fig, out / "comparison.png")
 
 
-def predict(folder, test_set):
-    """(predictions on the test set, stats row of the epoch) of a job folder's final weights (last.pt);
-    None if they are unusable."""
+def final_model(folder):
+    """(model, stats row of its epoch) of a job folder's final weights (last.pt); None if unusable."""
     try:
-        model, row = runs.load_model(folder)
+        return runs.load_model(folder)
     except RunError as e:
         warn(f"{e}, so no confusion matrix, misclassified digits or robustness sweep for {folder}")
         return None
-    with torch.inference_mode():
-        loader = batch_loader(test_set, TEST_BATCH_SIZE)
-        return torch.cat([model(images).argmax(1) for images, _ in loader]), row
+
+
+@torch.inference_mode()
+def predict(model, test_set):
+    """The model's predicted label for each test image."""
+    return torch.cat([model(images).argmax(1) for images, _ in batch_loader(test_set, TEST_BATCH_SIZE)])
 
 
 def checkpoint_note(rows):
@@ -238,8 +240,8 @@ def robustness_tables(sweep):
     and its accuracy at the strongest; then the clean accuracy and the mean over the whole sweep."""
     if not sweep:
         return []
-    names = list(by_model(sweep))
     accuracies = by_model(sweep)
+    names = list(accuracies)
     lines = ["", "## Robustness: the test digits changed (robustness.py)", ""]
     lines += ["Accuracy of the final weights, mean over the five strengths of each family (at the strongest"]
     lines += ["in brackets); mean ± std over seeds where there are several.", ""]
@@ -255,9 +257,9 @@ def robustness_tables(sweep):
     mean = [mean_std([robustness.sweep_mean(a) for a in accuracies[n]]) for n in names]
     lines.append("| **clean test set** | | " + " | ".join(clean) + " |")
     lines.append("| **mean over the sweep** | | " + " | ".join(mean) + " |")
+    levels = max(len(strengths) for _, strengths, _ in robustness.FAMILIES.values()) - 1
     for name in names:
         lines += ["", f"### {name}: accuracy at each strength", ""]
-        levels = max(len(strengths) for _, strengths, _ in robustness.FAMILIES.values()) - 1
         lines += ["| family | " + " | ".join(f"strength {k}" for k in range(1, levels + 1)) + " |"]
         lines += ["|---|" + "---:|" * levels]
         for family, (unit, strengths, _) in robustness.FAMILIES.items():
@@ -375,9 +377,10 @@ def plot_run(run_dir, run, data_dir):
     for name, seeds in run.items():
         results = []
         for folder, stats in seeds:
-            if (result := predict(folder, test_set)) is not None:
-                results.append(result)
-                usable[folder.relative_to(run_dir).as_posix()] = (name, stats["seed"], folder)
+            if (loaded := final_model(folder)) is not None:
+                model, row = loaded
+                results.append((predict(model, test_set), row))
+                usable[folder.relative_to(run_dir).as_posix()] = (name, stats["seed"], folder, model)
         if not results:
             continue
         confusions = [confusion_matrix(test_set.labels, predictions) for predictions, _ in results]

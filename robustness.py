@@ -145,8 +145,9 @@ def sweep_mean(accuracies):
 
 def run_sweep(path, jobs, test_set):
     """{job key: {"model", "seed", "accuracy": {family: [accuracy per strength]}}} for ``jobs``
-    ({key: (model name, seed, job folder)}), kept in ``path`` (robustness.json). A job is swept again
-    only when its last.pt, the test set or the sweep itself (its families, strengths or VERSION) has changed."""
+    ({key: (model name, seed, job folder, its model loaded from last.pt)}), kept in ``path``
+    (robustness.json). A job is swept again only when its last.pt, the test set or the sweep itself
+    (its families, strengths or VERSION) has changed."""
     try:
         saved = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -156,12 +157,12 @@ def run_sweep(path, jobs, test_set):
     same = isinstance(saved, dict) and all(saved.get(key) == value for key, value in made.items())
     kept = saved["jobs"] if same and isinstance(saved.get("jobs"), dict) else {}
     results, todo = {}, {}
-    for key, (name, seed, folder) in jobs.items():
+    for key, (name, seed, folder, model) in jobs.items():
         digest = file_digest(folder / "last.pt")
         if isinstance(kept.get(key), dict) and kept[key].get("checkpoint") == digest:
             results[key] = kept[key]
         else:
-            todo[key] = (name, seed, digest, runs.load_model(folder)[0])
+            todo[key] = (name, seed, digest, model)
     if todo:
         swept = sweep({key: model for key, (*_, model) in todo.items()}, to_unit(test_set.images), test_set.labels)
         for key, (name, seed, digest, _) in todo.items():

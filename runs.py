@@ -133,10 +133,10 @@ def jobs(cfg, slowest_first=False):
     return sorted(order, key=lambda job: SLOWEST_FIRST.index(job[0])) if slowest_first else order
 
 
-def trained_jobs(run_dir, cfg=None):
+def trained_jobs(run_dir):
     """(model, seed, folder) of each job that config.json lists and that has completed an epoch, in the
     run's order; folders it does not list (a job moved aside, say) are not the run's."""
-    cfg = cfg or read_config(run_dir)
+    cfg = read_config(run_dir)
     found = [(name, seed, job_dir(run_dir, name, seed, cfg["per_seed"])) for name, seed in jobs(cfg)]
     return [(name, seed, folder) for name, seed, folder in found if (folder / "last.pt").is_file()]
 
