@@ -283,7 +283,7 @@ def run_job(name, seed, cfg, out, train_set, test_set, device, prefix="", val_se
 
     generator = torch.Generator()
     tst_loader = batch_loader(test_set, TEST_BATCH_SIZE)
-    val_loader = val_set and batch_loader(val_set, TEST_BATCH_SIZE)
+    val_loader = batch_loader(val_set, TEST_BATCH_SIZE) if val_set is not None else None
     show_bar = sys.stdout.isatty() and not cfg["quiet"] and not prefix  # several ranks' bars would garble
 
     for epoch in range(len(stats["epochs"]) + 1, cfg["epochs"] + 1):
@@ -463,8 +463,8 @@ def parse_args(argv=None, ranks=None):
     if min(args.batch_size, args.train_limit or args.batch_size) == 1:  # train() would see no batch it can use
         flag = "--batch-size" if args.batch_size == 1 else "--train-limit"
         p.error(f"argument {flag}: must be at least 2 (a batch of one image is skipped: BatchNorm needs two)")
-    if args.val_size < 0 or (args.train_limit and args.val_size > args.train_limit - 2):
-        p.error(f"argument --val-size: must leave at least 2 of the training images to train on, got {args.val_size}")
+    if args.val_size < 0:  # too large for the training set: start_run says so, once the set is loaded
+        p.error(f"argument --val-size: must be 0 or more, got {args.val_size}")
     try:
         args.device = pick_device(args.device, ranks.local_rank if ranks.spread else None)
     except ValueError as e:

@@ -150,6 +150,7 @@ def test_training_loss_and_accuracy_are_over_samples_not_batches(mnist_dir):
         (["--device", "tpu"], "--device: expected auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
         (["--device", "cuda:1"], "--device cuda:1: no CUDA device"),
         (["--run-name", "a/b"], "--run-name: expected a folder name"),
+        (["--val-size", "-1"], "--val-size: must be 0 or more, got -1"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, monkeypatch):

@@ -281,6 +281,13 @@ def test_each_epoch_shuffles_in_its_own_order_and_the_learning_rate_follows_the_
     assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_a_validation_split_that_leaves_too_little_to_train_on_is_one_line_and_no_run(mnist_dir, tmp_path, capsys):
+    assert run_main(mnist_dir, tmp_path, *TINY, "--val-size", "199") == 1
+    err = capsys.readouterr().err
+    assert err == "error: --val-size 199 leaves fewer than 2 of the 200 training images to train on\n"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "latest").exists()
+
+
 def test_val_size_holds_out_the_last_training_images_and_reports_them_each_epoch(
     mnist_dir, tmp_path, monkeypatch, capsys
 ):
