@@ -3,6 +3,7 @@
     python bench.py                    # about 1.5 minutes on a 2-core CPU
     python bench.py --steps 1875       # whole epochs (60,000 images at batch 32)
     python bench.py --device cuda      # on a GPU: the same, plus main.train without CUDA graphs
+    python bench.py --page runs/latest # the drawing page's endpoint instead, on that run's models
 
 Seconds to load train.tar the first time (every PNG decoded) and from the cache, then
 (a) samples per second delivered to a training loop (on --device) by
@@ -17,11 +18,15 @@ Seconds to load train.tar the first time (every PNG decoded) and from the cache,
     on CUDA also  main.train() with every kernel launched from Python (no CUDA graph);
     for lenet5_reg also  main.train() without its augmentation, to give the augmentation's cost.
 Every time is the median of --repeats interleaved runs; epochs are extrapolated from --steps steps.
+With --page: milliseconds per POST /predict of a 280x280 drawing over loopback, one request at a time
+as the page sends them, with each model's feature maps in the answer; against predict.answer() in
+the same process without the maps and without HTTP.
 Prints a table, then one JSON line with every number.
 """
 
 import argparse
 import functools
+import http.client
 import io
 import itertools
 import json
@@ -29,16 +34,18 @@ import shutil
 import statistics
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 import main
+import predict
 from dataset import MEAN, MNIST, STD, batch_loader, find_splits, safe_console
 from model import MODELS, CustomMLP, LeNet5, LeNet5Regularized
 
@@ -185,6 +192,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--device", type=main.device_arg, default="auto", help="where to train: auto, cpu, cuda, cuda:N or mps"
     )
+    p.add_argument("--page", type=Path, metavar="RUN", help="time the drawing page's endpoint on RUN's models instead")
+    p.add_argument("--requests", type=int, default=100, help="with --page: requests timed")
     args = p.parse_args(argv)
     try:
         args.device = main.pick_device(args.device)
@@ -198,6 +207,58 @@ def load_times(train_tar):
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(shutil.copy(train_tar, tmp))
         return {"first": seconds(lambda: MNIST(copy)), "cached": median_time(lambda: MNIST(copy), 3)}
+
+
+def drawing():
+    """A 280x280 PNG as the page sends it: a 7 drawn in strokes 22 pixels wide, dark on white."""
+    image = Image.new("RGB", (280, 280), "white")
+    ImageDraw.Draw(image).line([(60, 60), (220, 60), (120, 240)], fill="black", width=22, joint="curve")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def page_times(run_dir, requests):
+    """{"request_ms": [each POST /predict over loopback, maps included], "answer_ms": [each predict.answer
+    in process, without them]}, interleaved, after one warm-up of each."""
+    models, body = predict.load_models(run_dir), drawing()
+    server = predict.make_server(models, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_port)  # kept alive, as a browser does
+
+    def ask():
+        connection.request("POST", "/predict", body, {"Content-Type": "image/png"})
+        response = connection.getresponse()
+        assert response.status == 200 and "inside" in json.loads(response.read())
+
+    times = {"request_ms": [], "answer_ms": []}
+    try:
+        for k in range(requests + 1):
+            for key, call in (("request_ms", ask), ("answer_ms", lambda: predict.answer(models, body))):
+                if k:  # the first round warms up
+                    times[key].append(seconds(call) * 1000)
+                else:
+                    call()
+    finally:
+        connection.close()
+        server.shutdown()
+        server.server_close()
+    return times
+
+
+def page_cli(args):
+    times = page_times(args.page, args.requests)
+    medians = {key: statistics.median(t) for key, t in times.items()}
+    p90 = statistics.quantiles(times["request_ms"], n=10)[-1] if len(times["request_ms"]) > 1 else medians["request_ms"]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {main.cpu_name()}")
+    print(f"POST /predict with the maps, {args.requests} requests of a 280x280 drawing over loopback: median "
+          f"{medians['request_ms']:.1f} ms, 90th percentile {p90:.1f} ms")  # fmt: skip
+    print(f"predict.answer in process, without the maps: median {medians['answer_ms']:.1f} ms "
+          f"(the request takes {medians['request_ms'] / medians['answer_ms']:.2f}x)")  # fmt: skip
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": main.cpu_name(),
+              "requests": args.requests, "median_ms": medians, "request_p90_ms": p90}  # fmt: skip
+    print(json.dumps(result))
+    return result
 
 
 def run(args):
@@ -257,6 +318,8 @@ def run(args):
 
 def main_cli(argv=None):
     args = parse_args(argv)
+    if args.page:
+        return page_cli(args)
     loads, samples, epochs = run(args)
     device = args.device
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None

@@ -7,7 +7,10 @@ Writes, under RUN_DIR/plots/: <model>_curves.png (train/test loss and accuracy
 per epoch, mean and a band of +-1 std over seeds), comparison.png (all models,
 and all runs given, on the same four panels), and from each model's final weights
 (last.pt) <model>_confusion.png, <model>_misclassified.png and robustness.png (the
-sweep of robustness.py, kept in RUN_DIR/robustness.json); then RUN_DIR/report.md.
+sweep of robustness.py, kept in RUN_DIR/robustness.json); from the first seed's final
+weights, what the models learned: filters.png (the LeNet-5s' kernels), mlp_weights.png
+(each MLP unit's weights as an image), activations.png and lenet5_reg_activations.png
+(the layers' activations on a test digit of each class); then RUN_DIR/report.md.
 """
 
 import argparse
@@ -26,6 +29,7 @@ from matplotlib.ft2font import FT2Font
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid
 
+import learned
 import robustness
 import runs
 from dataset import MNIST, DatasetError, batch_loader, safe_console, split_path, write_text
@@ -308,7 +312,7 @@ def plot_robustness(sweep, out):
     return save(fig, out / "robustness.png")
 
 
-def report(run_dir, run, per_class, figures, sweep=None):
+def report(run_dir, run, per_class, figures, sweep=None, inside_notes=()):
     lines = [f"# Report: {run_dir.name}", "", "## Results", ""]
     seeds_in = max(len(seeds) for seeds in run.values())
     if seeds_in > 1:
@@ -335,6 +339,7 @@ def report(run_dir, run, per_class, figures, sweep=None):
         for name, accs in per_class.items():
             cells = [mean_std([a[c] for a in accs], digits=1) for c in range(10)]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += inside_notes
     lines += ["", "## Figures", ""]
     lines += [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})" for p in figures if p.is_relative_to(run_dir)]
     path = run_dir / "report.md"
@@ -372,8 +377,8 @@ def plot_run(run_dir, run, data_dir):
     figures = [plot_model_curves(name, seeds, out) for name, seeds in run.items()]
     test_set = load_test_split(run_dir, data_dir)
     if test_set is None:
-        return figures, {}, {}
-    per_class, usable = {}, {}
+        return figures, {}, {}, []
+    per_class, usable, first = {}, {}, {}
     for name, seeds in run.items():
         results = []
         for folder, stats in seeds:
@@ -381,6 +386,7 @@ def plot_run(run_dir, run, data_dir):
                 model, row = loaded
                 results.append((predict(model, test_set), row))
                 usable[folder.relative_to(run_dir).as_posix()] = (name, stats["seed"], folder, model)
+                first.setdefault(name, model)  # the figures of looking inside show one seed: the first
         if not results:
             continue
         confusions = [confusion_matrix(test_set.labels, predictions) for predictions, _ in results]
@@ -390,7 +396,26 @@ def plot_run(run_dir, run, data_dir):
     sweep = robustness.run_sweep(run_dir / "robustness.json", usable, test_set) if usable else {}
     if sweep:
         figures.append(plot_robustness(sweep, out))
-    return [f for f in figures if f is not None], per_class, sweep
+    figures += plot_learned(first, test_set, out)
+    notes = learned.notes(first, test_set) if first else []
+    return [f for f in figures if f is not None], per_class, sweep, notes
+
+
+def plot_learned(models, test_set, out):
+    """filters.png, mlp_weights.png, activations.png (LeNet-5 beside the MLP) and
+    lenet5_reg_activations.png (learned.py), from the models given (one per name), as far as they are there."""
+    figures = []
+    if learned.conv_models(models):
+        figures.append(save(learned.filters_figure(models), out / "filters.png"))
+    if "mlp" in models:
+        figures.append(save(learned.mlp_weights_figure(models["mlp"]), out / "mlp_weights.png"))
+    pair = {name: models[name] for name in ("lenet5", "mlp") if name in models}
+    if pair:
+        figures.append(save(learned.activations_figure(pair, test_set), out / "activations.png"))
+    if "lenet5_reg" in models:
+        reg = learned.activations_figure({"lenet5_reg": models["lenet5_reg"]}, test_set)
+        figures.append(save(reg, out / "lenet5_reg_activations.png"))
+    return figures
 
 
 def show(figures):
@@ -434,8 +459,8 @@ def main(argv=()):
     with matplotlib.rc_context({"font.family": families}):
         figures = [plot_comparison(found, next(iter(found)) / "plots", unavailable)]
         for run_dir, run in found.items():
-            run_figures, per_class, sweep = plot_run(run_dir, run, args.data_dir)
-            report(run_dir, run, per_class, figures[:1] + run_figures, sweep)
+            run_figures, per_class, sweep, notes = plot_run(run_dir, run, args.data_dir)
+            report(run_dir, run, per_class, figures[:1] + run_figures, sweep, notes)
             figures += run_figures
     if args.show:
         show(figures)

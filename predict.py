@@ -25,7 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 import runs
 from dataset import normalize, safe_console, to_unit
-from model import MODELS
+from model import MODELS, inside
 from runs import RunError
 
 MAX_PIXELS = 50_000_000  # a 50-megapixel photo; anything claiming more is refused before decoding
@@ -176,11 +176,33 @@ def classify(models, image):
     }
 
 
-def answer(models, data):
-    """What the command line and the page say of one image's bytes: ({name: {digit, probs}}, view)."""
+def scaled(values):
+    """Whole numbers for the page, a layer at a time: ``values`` times 255 over its largest magnitude,
+    rounded (activations after ReLU come to 0..255, signed weights to -255..255; all zeros stay 0)."""
+    top = values.abs().max()
+    return (values * (255 / top) if top > 0 else values).round().to(torch.int16).tolist()
+
+
+@torch.inference_mode()
+def look_inside(models, image):
+    """{name: {layer: its maps on ``image``, scaled}} for the first seed of each model (model.INSIDE)."""
+    return {name: {layer: scaled(maps[0]) for layer, maps in inside(seeds[0], image)[1].items()} for name, seeds in models.items()}
+
+
+def mlp_weights(models):
+    """The first-layer weights of the MLP's first seed as 75 images of 28x28, scaled; None without an MLP."""
+    if "mlp" not in models:
+        return None
+    return scaled(models["mlp"][0].fc1.weight.detach().view(-1, FIELD, FIELD))
+
+
+def answer(models, data, maps=False):
+    """What the command line and the page say of one image's bytes: ({name: {digit, probs}}, view), and
+    with ``maps`` a third item, what each model computed on the way (``look_inside``)."""
     image, view = to_mnist(open_image(data))
     probs = classify(models, image)
-    return {name: {"digit": int(np.argmax(p)), "probs": p} for name, p in probs.items()}, view
+    results = {name: {"digit": int(np.argmax(p)), "probs": p} for name, p in probs.items()}
+    return (results, view, look_inside(models, image)) if maps else (results, view)
 
 
 def describe(result):
@@ -193,7 +215,8 @@ def describe(result):
 
 
 def make_server(models, host="127.0.0.1", port=8000):
-    """A ThreadingHTTPServer with one page (GET /) and one endpoint (POST /predict, an image as the body)."""
+    """A ThreadingHTTPServer with one page (GET /), one endpoint (POST /predict, an image as the body) and
+    the MLP's first-layer weights for the page to draw (GET /weights)."""
     return http.server.ThreadingHTTPServer((host, port), functools.partial(Handler, models))
 
 
@@ -216,6 +239,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
+        if self.path == "/weights":
+            if (weights := mlp_weights(self.models)) is None:
+                return self.reply(404, {"error": "the run has no trained mlp, so no weights to show"})
+            return self.reply(200, {"fc1": weights})
         if self.path not in ("/", "/index.html"):
             return self.reply(404, {"error": f"no page {self.path}; the page is /"})
         self.reply(200, PAGE.read_bytes(), "text/html; charset=utf-8")
@@ -241,10 +268,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             return self.reply(413, {"error": f"the image is {length:,} bytes, more than {MAX_BODY:,}"})
         try:
-            models, view = answer(self.models, self.rfile.read(length))
+            models, view, maps = answer(self.models, self.rfile.read(length), maps=True)
         except ImageInputError as e:
             return self.reply(422 if "no ink" in str(e) else 400, {"error": str(e)})
-        self.reply(200, {"models": models, "view": view.tolist()})
+        self.reply(200, {"models": models, "view": view.tolist(), "inside": maps})
 
 
 # --------------------------------------------------------------------------- CLI

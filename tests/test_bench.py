@@ -60,3 +60,11 @@ def test_baseline_models_compute_the_same_function_as_ours(name):
     x = torch.randn(16, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(ours(x), baseline(x), atol=1e-6)
+
+
+def test_the_page_bench_times_requests_with_the_maps_against_the_plain_answer(one_epoch_run, capsys):
+    result = bench.main_cli(["--page", str(one_epoch_run), "--requests", "3"])
+    assert result["requests"] == 3 and set(result["median_ms"]) == {"request_ms", "answer_ms"}
+    assert all(v > 0 for v in result["median_ms"].values())
+    out = capsys.readouterr().out
+    assert "POST /predict with the maps, 3 requests of a 280x280 drawing" in out and "predict.answer in process" in out

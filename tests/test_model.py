@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import model
-from model import MODELS, CustomMLP, LeNet5, LeNet5Regularized, format_table, num_params
+from model import MODELS, CustomMLP, LeNet5, LeNet5Regularized, format_table, num_params, inside
 
 LENET5_PARAMS = 61_706
 
@@ -95,3 +95,28 @@ def test_python_model_py_prints_each_model(capsys):
     out = capsys.readouterr().out
     assert "61,706" in out and "62,158" in out and f"{num_params(CustomMLP()):,}" in out
     assert "16x5x5" in out  # the shape after the second pool
+
+
+def test_inside_gives_each_layers_activations_after_relu_as_the_forward_pass_computed_them():
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 28, 28)
+    relu, pool = torch.relu, torch.nn.functional.max_pool2d
+    lenet, reg, mlp = LeNet5().eval(), LeNet5Regularized().eval(), CustomMLP().eval()
+    with torch.no_grad():
+        for bn in (reg.bn1, reg.bn2):  # BatchNorm that does something, so that maps before it would differ
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2)
+        expected = {
+            lenet: {"conv1": relu(lenet.conv1(x))},
+            reg: {"conv1": relu(reg.bn1(reg.conv1(x)))},
+            mlp: {"fc1": relu(mlp.fc1(x.flatten(1)))},
+        }
+        expected[lenet]["conv2"] = relu(lenet.conv2(pool(expected[lenet]["conv1"], 2)))
+        expected[reg]["conv2"] = relu(reg.bn2(reg.conv2(pool(expected[reg]["conv1"], 2))))
+        for model, layers in expected.items():
+            logits, seen = inside(model, x)
+            assert torch.allclose(logits, model(x)) and set(seen) == set(layers)
+            for name, values in layers.items():
+                assert torch.allclose(seen[name], values, atol=1e-5), (type(model).__name__, name)
+            assert not any(m._forward_hooks for m in model.modules())  # the hooks are gone afterwards
+    assert seen["fc1"].shape == (4, 75)
+    assert [inside(lenet, x)[1][k].shape for k in ("conv1", "conv2")] == [(4, 6, 28, 28), (4, 16, 10, 10)]

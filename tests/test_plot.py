@@ -2,13 +2,19 @@ import json
 import re
 import shutil
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
 import main
+import learned
 import plot
+import runs
+from dataset import MNIST
+from model import CustomMLP
 
 MODELS = ("lenet5", "mlp", "lenet5_reg")
 
@@ -45,8 +51,81 @@ def test_every_figure_and_the_report_are_written(run_copy, capsys):
         assert_real_png(plots / f"{name}_confusion.png", (650, 550))
         assert_real_png(plots / f"{name}_misclassified.png")
     assert_real_png(plots / "comparison.png", (1000, 700))
+    for name in ("filters", "mlp_weights", "activations", "lenet5_reg_activations"):
+        assert_real_png(plots / f"{name}.png")
     printed = capsys.readouterr().out.split()
     assert str(plots / "comparison.png") in printed and str(run_copy / "report.md") in printed
+
+
+def crowding(fig):
+    """What overlaps in a drawn figure: texts over a panel (an axes with an image or colour bar), over
+    each other, or past the figure's edge; as readable strings, none when the layout is clean."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    undrawn = set()  # tick labels past an axis's ends (a colour bar's) exist, but are not drawn
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            low, high = sorted(axis.get_view_interval())
+            undrawn |= {id(t) for tick in axis.get_major_ticks() if not low <= tick.get_loc() <= high
+                        for t in (tick.label1, tick.label2)}  # fmt: skip
+    texts = [t for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()]
+    texts = [t for t in texts if id(t) not in undrawn]
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
+    panels = [ax.get_window_extent(renderer) for ax in fig.axes if ax.images or ax.collections]
+
+    def overlap(a, b):
+        return max(0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0, min(a.y1, b.y1) - max(a.y0, b.y0)) > 1
+
+    problems = [f"{text!r} on a panel" for text, box in boxes for panel in panels if overlap(box, panel)]
+    problems += [f"{a!r} on {b!r}" for i, (a, box) in enumerate(boxes) for b, other in boxes[i + 1 :] if overlap(box, other)]
+    problems += [f"{text!r} outside" for text, box in boxes if not fig.bbox.contains(box.x0, box.y0) or
+                 not fig.bbox.contains(box.x1, box.y1)]  # fmt: skip
+    return problems
+
+
+def test_the_figures_of_what_the_models_learned_are_readable_at_their_size(run_copy, monkeypatch):
+    crowded, real_save = {}, plot.save
+
+    def save_and_check(fig, path):
+        saved = real_save(fig, path)
+        crowded[path.name] = crowding(fig)
+        return saved
+
+    monkeypatch.setattr(plot, "save", save_and_check)
+    assert plot.main([str(run_copy)]) == 0
+    for name in ("filters.png", "mlp_weights.png", "activations.png", "lenet5_reg_activations.png"):
+        assert crowded[name] == [], name
+        with Image.open(run_copy / "plots" / name) as image:
+            assert image.width <= 1000  # README width: the page shows it unscaled or nearly so
+
+
+def test_the_inside_figures_show_the_first_seeds_final_weights(trained_run, tmp_path, monkeypatch):
+    run = shutil.copytree(trained_run / "seeds", tmp_path / "seeds")
+    images = recorded_saves(monkeypatch, lambda fig: fig.axes[0].images and fig.axes[0].images[0].get_array().filled(np.nan))
+    assert plot.main([str(run)]) == 0
+    weights = [runs.load_model(run / f"mlp/seed{s}")[0].fc1.weight.detach().view(-1, 28, 28) for s in (0, 1)]
+    shown = images["mlp_weights.png"]
+    assert np.allclose(shown, learned.tiles(weights[0], 15, pad=2), equal_nan=True)
+    assert not np.allclose(shown, learned.tiles(weights[1], 15, pad=2), equal_nan=True)
+    assert "filters.png" not in images  # no LeNet-5 in this run
+
+
+def test_the_template_rule_counts_units_that_hold_a_class_mean_image(trained_run, mnist_dir):
+    test_set = MNIST(mnist_dir / "test.tar", limit=2000)
+    images = test_set.images.float().flatten(1) / 255
+    mlp = CustomMLP()
+    with torch.no_grad():
+        for c in range(4):  # four units hold a digit's mean image minus the mean digit; one holds its negative
+            mlp.fc1.weight[c] = images[test_set.labels == c].mean(0) - images.mean(0)
+        mlp.fc1.weight[4] = -mlp.fc1.weight[0]
+        mlp.fc1.weight[5:] = torch.randn(70, 784)  # the rest: noise, no template
+    count, median = learned.templates(mlp, test_set)
+    assert count == 5 and median < 0.2
+    lenet5 = runs.load_model(trained_run / "tiny/lenet5")[0]
+    agreement = learned.shift_agreement({"lenet5": lenet5, "mlp": mlp}, test_set)
+    assert agreement["lenet5"][0] == "conv1" and agreement["lenet5"][1] > 0.95  # a convolution moves with the digit
+    assert agreement["mlp"][0] == "fc1" and agreement["mlp"][1] < agreement["lenet5"][1]
 
 
 def test_report_numbers_equal_the_stats(run_copy):
@@ -195,7 +274,8 @@ def test_show_opens_each_figure_whole(run_copy, monkeypatch):
     shown = {}
     monkeypatch.setattr(plt, "show", lambda: shown.update({n: plt.figure(n) for n in plt.get_figlabels()}))
     assert plot.main([str(run_copy), "--show"]) == 0
-    assert len(shown) == 2 + 3 * 3  # comparison, robustness, and per model curves, confusion and misclassified
+    # comparison, robustness, per model curves, confusion and misclassified, and the four of learned.py
+    assert len(shown) == 2 + 3 * 3 + 4
     for name, fig in shown.items():
         with Image.open(run_copy / "plots" / name) as image:
             assert tuple(round(v) for v in fig.get_size_inches() * fig.dpi) == image.size

@@ -271,6 +271,58 @@ def test_the_endpoint_answers_images_and_refuses_the_rest_in_one_line(server, te
     assert status == 200 and "<canvas" in page
 
 
+def hooked(model, modules, image):
+    """The outputs of ``modules`` of ``model`` on ``image``, after ReLU, taken here with forward hooks of our own."""
+    out = {}
+    handles = [
+        model.get_submodule(m).register_forward_hook(lambda mod, i, o, m=m: out.__setitem__(m, o.relu()[0]))
+        for m in modules
+    ]
+    with torch.inference_mode():
+        model(image)
+    for handle in handles:
+        handle.remove()
+    return out
+
+
+def to_page(values):
+    """The page's scaling, written out again: times 255 over the largest magnitude, rounded."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.round(values * 255 / np.abs(values).max())
+
+
+def test_each_answer_holds_what_each_model_computed_and_weights_the_mlps_first_layer(server, one_epoch_run, test_digits):
+    models = predict.load_models(one_epoch_run)
+    status, answer = request(f"{server}/predict", png_bytes(test_digits[0][0]))
+    assert status == 200 and set(answer["inside"]) == {"lenet5", "mlp", "lenet5_reg"}
+    image = dataset.normalize(dataset.to_unit(torch.tensor(answer["view"], dtype=torch.uint8)[None]))
+    layers = {  # the page's layer: the module whose output it is (after ReLU), and the shape
+        "lenet5": {"conv1": ("conv1", (6, 28, 28)), "conv2": ("conv2", (16, 10, 10))},
+        "lenet5_reg": {"conv1": ("bn1", (6, 28, 28)), "conv2": ("bn2", (16, 10, 10))},
+        "mlp": {"fc1": ("fc1", (75,))},
+    }
+    for name, expected in layers.items():
+        outputs = hooked(models[name][0], [module for module, _ in expected.values()], image)
+        assert set(answer["inside"][name]) == set(expected)
+        for layer, (module, shape) in expected.items():
+            got = np.array(answer["inside"][name][layer])
+            assert got.shape == shape and got.min() >= 0 and got.max() == 255
+            assert np.abs(got - to_page(outputs[module])).max() <= 1  # rounding of float sums apart
+    status, weights = request(f"{server}/weights")
+    fc1 = models["mlp"][0].fc1.weight.detach().view(75, 28, 28)
+    assert status == 200 and np.array(weights["fc1"]).shape == (75, 28, 28)
+    assert np.abs(np.array(weights["fc1"]) - to_page(fc1)).max() <= 1 and np.array(weights["fc1"]).min() < 0
+    lone = predict.make_server({"lenet5": models["lenet5"]}, "127.0.0.1", 0)  # a run without an MLP
+    thread = threading.Thread(target=lone.serve_forever, daemon=True)
+    thread.start()
+    try:
+        status, answer = request(f"http://127.0.0.1:{lone.server_port}/weights")
+        assert status == 404 and answer["error"] == "the run has no trained mlp, so no weights to show"
+    finally:
+        lone.shutdown()
+        lone.server_close()
+
+
 # --------------------------------------------------------------------------- the page, in a real browser
 
 
@@ -286,6 +338,10 @@ def chromium():
 
 SEVEN = [[(60, 60), (220, 60), (120, 240)]]  # the top bar and the stem, in pad pixels (280x280)
 ZERO = [[(140 + 60 * np.sin(t), 140 - 95 * np.cos(t)) for t in np.linspace(0, 2 * np.pi, 40)]]
+# {model: [the red channel of each map or unit canvas it drew, as a list]}
+DRAWN = """() => Object.fromEntries(["lenet5", "lenet5_reg", "mlp"].map(name => [name,
+    [...document.querySelectorAll(`#${name} canvas`)].map(c =>
+        Array.from(c.getContext("2d").getImageData(0, 0, c.width, c.height).data.filter((_, i) => i % 4 === 0)))]))"""
 
 
 def test_drawing_on_the_page_shows_each_models_digit(server, tmp_path):
@@ -297,6 +353,7 @@ def test_drawing_on_the_page_shows_each_models_digit(server, tmp_path):
         page = browser.new_page(viewport={"width": 900, "height": 620})
         page.goto(server)
         box = page.locator("#pad").bounding_box()
+        seen = {}
         for strokes, digit in [(SEVEN, 7), (ZERO, 0)]:
             page.click("#clear")
             for stroke in strokes:
@@ -309,8 +366,15 @@ def test_drawing_on_the_page_shows_each_models_digit(server, tmp_path):
                 f"document.querySelector('#lenet5 .digit')?.textContent === '{digit}'", timeout=20_000
             )
             assert page.locator(".model").count() == 3 and page.locator("#lenet5 .bar").count() == 10
+            page.wait_for_function("document.querySelectorAll('#mlp canvas.unit').length === 5", timeout=20_000)
+            seen[digit] = page.evaluate(DRAWN)
         screenshot = Path(os.environ.get("PREDICT_SCREENSHOT", tmp_path / "page.png"))
-        page.screenshot(path=screenshot)
+        page.screenshot(path=screenshot, full_page=True)
         browser.close()
+    for digit, drawn in seen.items():  # LeNet-5's 6 + 16 maps, the same for lenet5_reg, the MLP's 5 units
+        assert [len(drawn[k]) for k in ("lenet5", "lenet5_reg", "mlp")] == [22, 22, 5]
+        assert all(any(pixels) for maps in drawn.values() for pixels in maps), f"a blank map for the {digit}"
+    for name in ("lenet5", "lenet5_reg"):  # what the models saw differs between a 7 and a 0
+        assert sum(a != b for a, b in zip(seen[7][name], seen[0][name])) >= 20
     with Image.open(screenshot) as shot:
-        assert shot.size == (900, 620)
+        assert shot.width == 900 and shot.height >= 620
