@@ -15,6 +15,7 @@ reports the accuracy on them beside the test set's, for choices made without the
 import argparse
 import contextlib
 import functools
+import math
 import os
 import platform
 import re
@@ -345,6 +346,8 @@ def number(kind, description, low=None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}") from None
+        if not math.isfinite(value):  # float("inf") and float("nan") parse, and would train into NaN rows
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
         if low is not None and not value > low:
             raise argparse.ArgumentTypeError(f"must be greater than {low}, got {text}")
         return value
@@ -361,14 +364,23 @@ def model_list(text):
     unknown = [n for n in names if n not in MODELS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown model {', '.join(unknown)}; choose from {', '.join(MODELS)} or all")
-    return names
+    return once_each(names, "model")
+
+
+def once_each(values, what):
+    """``values``, refused when one is repeated: a job named twice would train twice into one folder."""
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{what} {', '.join(repeated)} given more than once")
+    return values
 
 
 def seed_list(text):
     try:
-        return [int(s) for s in text.split(",")]
+        seeds = [int(s) for s in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    return once_each(seeds, "seed")
 
 
 def run_name(text):
@@ -378,7 +390,13 @@ def run_name(text):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows the module docstring as written and each option's default."""
+    """--help shows the module docstring as written and each option's default, where it has one: not
+    for a flag (off unless given) or an option that is unset unless given."""
+
+    def _get_help_string(self, action):  # the hook ArgumentDefaultsHelpFormatter itself overrides
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 # Options that say where and how to run, not what: the only ones --resume takes besides itself.
@@ -460,6 +478,10 @@ def parse_args(argv=None, ranks=None):
         )
     if not 0 <= args.dropout < 1:
         p.error(f"argument --dropout: must be in [0, 1), got {args.dropout}")
+    if not 0 <= args.momentum < 1:
+        p.error(f"argument --momentum: must be in [0, 1), got {args.momentum}")
+    if args.weight_decay < 0:
+        p.error(f"argument --weight-decay: must be 0 or more, got {args.weight_decay}")
     if min(args.batch_size, args.train_limit or args.batch_size) == 1:  # train() would see no batch it can use
         flag = "--batch-size" if args.batch_size == 1 else "--train-limit"
         p.error(f"argument {flag}: must be at least 2 (a batch of one image is skipped: BatchNorm needs two)")

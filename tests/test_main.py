@@ -151,6 +151,13 @@ def test_training_loss_and_accuracy_are_over_samples_not_batches(mnist_dir):
         (["--device", "cuda:1"], "--device cuda:1: no CUDA device"),
         (["--run-name", "a/b"], "--run-name: expected a folder name"),
         (["--val-size", "-1"], "--val-size: must be 0 or more, got -1"),
+        (["--momentum", "-1"], "--momentum: must be in [0, 1), got -1.0"),
+        (["--momentum", "1"], "--momentum: must be in [0, 1), got 1.0"),
+        (["--weight-decay", "-0.1"], "--weight-decay: must be 0 or more, got -0.1"),
+        (["--weight-decay", "nan"], "--weight-decay: expected a finite number, got 'nan'"),
+        (["--lr", "inf"], "--lr: expected a finite number, got 'inf'"),
+        (["--model", "mlp,lenet5,mlp"], "--model: model mlp given more than once"),
+        (["--seeds", "0,1,0"], "--seeds: seed 0 given more than once"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, monkeypatch):
@@ -161,6 +168,22 @@ def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and "Traceback" not in err
     assert err.splitlines()[-1].startswith("main.py: error:")
+
+
+def test_a_bad_setting_writes_nothing(tmp_path, capsys):
+    for argv in (["--momentum", "-1"], ["--lr", "inf"], ["--model", "lenet5_reg,lenet5_reg"]):
+        with pytest.raises(SystemExit):
+            run_main(tmp_path / "data", tmp_path / "runs", *argv)
+        assert capsys.readouterr().err.count("error:") == 1
+    assert list(tmp_path.iterdir()) == []  # no run folder, no runs/latest
+
+
+def test_help_shows_a_default_only_where_there_is_one(capsys):
+    with pytest.raises(SystemExit):
+        main.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "initial SGD learning rate (default: 0.01)" in text and "training epochs per model (default: 10)" in text
 
 
 def test_missing_data_without_network_exits_1(tmp_path, capsys, monkeypatch):
