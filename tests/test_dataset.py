@@ -297,8 +297,20 @@ def test_real_mnist_tars_have_the_official_sizes_labels_and_statistics(mnist_dir
         with gzip.open(SHARED_MNIST / labels_file) as f:
             official = np.frombuffer(f.read(), np.uint8, offset=8)
         assert torch.bincount(split.labels, minlength=10).tolist() == np.bincount(official, minlength=10).tolist()
+    pixels = train.images.double() / 255  # MEAN and STD are the training images' own, to their four digits
+    assert abs(pixels.mean().item() - MEAN) < 5e-4 and abs(pixels.std().item() - STD) < 5e-4
     images, _ = train[list(range(len(train)))]
-    assert abs(images.mean().item()) < 0.01 and abs(images.std().item() - 1) < 0.01
+    assert abs(images.double().mean().item()) < 1e-3 and abs(images.double().std().item() - 1) < 1e-3
+
+
+def test_any_integer_index_gives_one_item_as_subset_and_dataloader_hand_them_over(good_tar):
+    data = MNIST(good_tar)
+    for index in (1, np.int64(1), np.int32(1), torch.tensor(1)):
+        image, label = data[index]
+        assert image.shape == (1, 28, 28) and label == 0 and isinstance(label, int)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, np.arange(3)), batch_size=2)
+    images, labels = next(iter(loader))
+    assert images.shape == (2, 1, 28, 28) and labels.tolist() == [5, 0]
 
 
 # --------------------------------------------------------------------------- read-only folders

@@ -180,3 +180,26 @@ def test_the_augmentations_shift_covers_its_stated_range_and_no_more(digits, mon
     moves = torch.cat(moves)
     assert len(moves) > len(batch) and moves.abs().max() <= dataset.SHIFT + 0.02  # each axis, in pixels
     assert (moves > dataset.SHIFT - 0.2).any(0).all() and (moves < 0.2 - dataset.SHIFT).any(0).all()
+
+
+def test_the_augmentations_draws_cover_their_stated_ranges(digits, monkeypatch):
+    drawn, real_affine = {}, dataset.affine
+
+    def record(batch, angle, scale, shift, shear):
+        drawn.update(angle=angle.rad2deg(), scale=scale, shift=shift, shear=shear.rad2deg())
+        return real_affine(batch, angle, scale, shift, shear)
+
+    monkeypatch.setattr(dataset, "affine", record)
+    torch.manual_seed(0)
+    dataset.random_geometry(torch.zeros(4000, 1, 28, 28))
+    ranges = {
+        "angle": (-dataset.ROTATION, dataset.ROTATION),
+        "scale": dataset.ZOOM,
+        "shift": (-dataset.SHIFT, dataset.SHIFT),
+        "shear": (-dataset.SHEAR, dataset.SHEAR),
+    }
+    for name, (low, high) in ranges.items():
+        values, width = drawn[name], high - low
+        assert width > 0, name  # each change is drawn, none fixed at one value
+        assert values.min() >= low - 1e-6 and values.max() <= high + 1e-6, name
+        assert values.min() < low + 0.02 * width and values.max() > high - 0.02 * width, name
