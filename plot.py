@@ -338,7 +338,10 @@ def report(run_dir, run, per_class, figures, sweep=None, inside_notes=()):
         lines += ["| model | " + " | ".join(map(str, range(10))) + " |", "|---|" + "---:|" * 10]
         for name, accs in per_class.items():
             cells = [mean_std([a[c] for a in accs], digits=1) for c in range(10)]
+            cells = ["–" if any(math.isnan(a[c]) for a in accs) else cell for c, cell in enumerate(cells)]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if any(math.isnan(v) for accs in per_class.values() for a in accs for v in a):
+            lines += ["", "–: the test set holds no image of that digit (--test-limit)."]
     lines += inside_notes
     lines += ["", "## Figures", ""]
     lines += [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})" for p in figures if p.is_relative_to(run_dir)]

@@ -321,3 +321,15 @@ def test_run_names_in_any_script_are_drawn_with_a_font_that_has_them_or_named_in
     assert "??: mlp" in texts
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "no installed font has '실험'" in err
+
+
+def test_a_digit_missing_from_a_short_test_set_is_a_dash_in_the_per_class_table(run_copy):
+    config = json.loads((run_copy / "config.json").read_text())
+    (run_copy / "config.json").write_text(json.dumps({**config, "test_limit": 5}))  # labels 7, 2, 1, 0, 4
+    assert plot.main([str(run_copy)]) == 0
+    report = (run_copy / "report.md").read_text()
+    table = report[report.index("## Test accuracy per class") :].split("\n\n")[1].splitlines()
+    for row in table[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")][1:]
+        assert [k for k, cell in enumerate(cells) if cell == "–"] == [3, 5, 6, 8, 9]
+    assert "nan" not in report and "–: the test set holds no image of that digit" in report
