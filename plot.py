@@ -55,10 +55,22 @@ def warn(message):
 # --------------------------------------------------------------------------- reading
 
 
+def stats_files(run_dir):
+    """The stats.json of each job that the run's config.json lists (a folder moved aside is not the
+    run's); with no readable config.json, a warning and every */stats.json and */seed*/stats.json."""
+    try:
+        cfg = runs.read_config(run_dir)
+    except RunError as e:
+        warn(f"{e}; drawing every model folder's stats.json")
+        return sorted(run_dir.glob("*/stats.json")) + sorted(run_dir.glob("*/seed*/stats.json"))
+    folders = [runs.job_dir(run_dir, name, seed, cfg["per_seed"]) for name, seed in runs.jobs(cfg)]
+    return [folder / "stats.json" for folder in folders if (folder / "stats.json").exists()]  # started jobs
+
+
 def load_run(run_dir):
-    """{model: [(folder, stats) per seed]} for the readable stats.json files of one run."""
+    """{model: [(folder, stats) per seed]} for the readable stats.json files of one run's jobs."""
     run = {}
-    for path in sorted(run_dir.glob("*/stats.json")) + sorted(run_dir.glob("*/seed*/stats.json")):
+    for path in stats_files(run_dir):
         try:
             stats = runs.read_stats(path)
         except RunError as e:

@@ -333,3 +333,14 @@ def test_a_digit_missing_from_a_short_test_set_is_a_dash_in_the_per_class_table(
         cells = [c.strip() for c in row.strip("|").split("|")][1:]
         assert [k for k, cell in enumerate(cells) if cell == "–"] == [3, 5, 6, 8, 9]
     assert "nan" not in report and "–: the test set holds no image of that digit" in report
+
+
+def test_only_the_jobs_config_json_lists_are_the_runs(run_copy):
+    shutil.copytree(run_copy / "mlp", run_copy / "mlp.moved")  # the advice for training a model anew
+    shutil.copytree(run_copy / "lenet5", run_copy / "lenet5/seed3")  # a folder no job of this run has
+    assert [len(seeds) for seeds in plot.load_run(run_copy).values()] == [1, 1, 1]
+    assert plot.main([str(run_copy)]) == 0
+    report = (run_copy / "report.md").read_text()
+    assert "Accuracies are mean ± std" not in report  # one seed each
+    mlp = next(line for line in report.splitlines() if line.startswith("| mlp |"))
+    assert "±" not in mlp
