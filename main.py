@@ -561,9 +561,20 @@ def start_run(args, ranks):
         print(f"{say}error: {e}", file=sys.stderr)
         return 1
     device = args.device
-    cfg.update(device=str(device), threads=torch.get_num_threads(), cpu=cpu_name(), torch=torch.__version__,
-               python=platform.python_version(), world_size=ranks.world_size)  # fmt: skip
+    # Where and how this launch runs: a new run's config.json holds it at the top, and a resume adds it
+    # to the run's "resumes", leaving the record of how the run was made as it was.
+    launch = dict(when=time.strftime("%Y-%m-%d %H:%M:%S %z"), device=str(device), threads=torch.get_num_threads(),
+                  cpu=cpu_name(), torch=torch.__version__, python=platform.python_version(),
+                  world_size=ranks.world_size)  # fmt: skip
+    saved = cfg if run_dir is None else {**runs.read_json(run_dir / "config.json"), **runs.where_data(cfg)}
+    cfg.update(launch)
     processes = ranks.gather("rank", ranks.record(device, cfg["threads"]))  # before any slow step
+    if ranks.spread:
+        launch["ranks"] = processes
+    if saved is cfg:
+        cfg.update(launch)
+    else:
+        saved["resumes"] = [*saved.get("resumes", []), launch]
     if ranks.rank != 0:
         try:
             run_dir = Path(ranks.wait("run folder"))
@@ -601,9 +612,7 @@ def start_run(args, ranks):
                 if run_dir is None:  # the folder appears only now, with the data ready
                     run_dir = runs.create_run_dir(args.out_dir, args.run_name)
                     cfg["run_name"] = run_dir.name
-                if ranks.spread:
-                    cfg["ranks"] = processes
-                write_json(run_dir / "config.json", cfg)
+                write_json(run_dir / "config.json", saved)
                 runs.point_latest(run_dir)
             except OSError as e:
                 where = e.filename or args.out_dir

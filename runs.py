@@ -171,6 +171,11 @@ def _is(value, kind):
     return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
 
 
+def where_data(cfg):
+    """The settings that say where a run's data are: a resume may move them, and config.json follows."""
+    return {key: cfg[key] for key in ("data_dir", "idx_dir")}
+
+
 def read_config(run_dir):
     """A run's config.json, with every setting of the experiment present and of the right type."""
     path = Path(run_dir) / "config.json"

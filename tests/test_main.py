@@ -64,11 +64,27 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(mnist_dir, tmp_path, mon
 
     monkeypatch.setattr(main, "train", real_train)
     assert (tmp_path / "latest").resolve() == cut.resolve()
+    first = json.loads((cut / "config.json").read_text())
     assert main.main(["--resume", str(tmp_path / "latest"), "--quiet"]) == 0
     for name in ("lenet5_reg", "mlp"):
         assert epochs_without_time(cut / name / "stats.json") == epochs_without_time(
             tmp_path / "whole" / name / "stats.json"
         )
+    config = json.loads((cut / "config.json").read_text())
+    assert config.pop("resumes")[0]["device"] == "cpu" and config == first  # see the test below
+
+
+def test_a_resume_keeps_the_runs_first_record_and_adds_its_own(mnist_dir, tmp_path):
+    limits = ("--train-limit", "200", "--test-limit", "100", "--epochs", "1", "--model", "mlp", "--device", "cpu")
+    assert run_main(mnist_dir, tmp_path, *limits) == 0
+    first = json.loads((tmp_path / "run/config.json").read_text())
+    for threads in ("1", "2"):
+        assert main.main(["--resume", str(tmp_path / "run"), "--quiet", "--threads", threads]) == 0
+    config = json.loads((tmp_path / "run/config.json").read_text())
+    resumes = config.pop("resumes")
+    assert config == first and "resumes" not in first and first["threads"] == torch.get_num_threads()
+    assert [(r["threads"], r["world_size"], r["device"]) for r in resumes] == [(1, 1, "cpu"), (2, 1, "cpu")]
+    assert first["when"] <= resumes[0]["when"] <= resumes[1]["when"] and "ranks" not in resumes[0]
 
 
 def test_sigterm_keeps_completed_epochs(mnist_dir, tmp_path):
