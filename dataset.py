@@ -204,9 +204,11 @@ def atomic_open(path):
 
 
 def write_text(path, text):
-    """Write ``text`` to ``path`` atomically, as UTF-8 whatever the system's locale."""
+    """Write ``text`` to ``path`` atomically, as UTF-8 whatever the system's locale. A folder name that
+    is not text in the system's encoding (Python holds its bytes as lone surrogates) is written as the
+    bytes the system gave."""
     with atomic_open(path) as f:
-        f.write(text.encode("utf-8"))
+        f.write(text.encode("utf-8", "surrogateescape"))
 
 
 def _replace(tmp, path, waits=(0.05, 0.1, 0.2, 0.4, 0.8)):

@@ -145,7 +145,14 @@ def trained_jobs(run_dir):
 
 
 def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    """``obj`` as JSON in UTF-8; a folder name that is not text in the system's encoding is kept as JSON
+    escapes (\\udcXX), so that reading the file back gives the same path."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj, indent=2)
+    write_text(path, text + "\n")
 
 
 def save_checkpoint(path, obj):

@@ -131,15 +131,31 @@ def script(*argv, env=None, cwd=None):
 def test_every_text_file_is_utf8_under_a_cp949_locale(mnist_dir, tmp_path, cp949_locale):
     probe = script("-c", "import locale; print(locale.getpreferredencoding())", env=cp949_locale)
     assert probe.stdout.decode().strip().lower() == "cp949"  # the simulation holds
-    args = ["--data-dir", mnist_dir, "--out-dir", tmp_path, "--run-name", "seeds", *TINY, "--model", "mlp",
-            "--seeds", "0,1", "--epochs", "1", "--quiet"]  # fmt: skip
-    for argv in ([ROOT / "main.py", *args], [ROOT / "plot.py", tmp_path / "seeds"]):
+    out = os.fsencode(tmp_path) + "/런".encode("utf-8")  # a folder a UTF-8 program made: not text in CP949
+    args = [b"--data-dir", mnist_dir, b"--out-dir", out, b"--run-name", b"seeds", *TINY, b"--model", b"mlp",
+            b"--seeds", b"0,1", b"--epochs", b"1", b"--quiet"]  # fmt: skip
+    for argv in ([ROOT / "main.py", *args], [ROOT / "plot.py", out + b"/seeds"]):
         done = script(*argv, env=cp949_locale)
         assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr.decode("cp949", "replace")
-    report = (tmp_path / "seeds/report.md").read_bytes().decode("utf-8")
+    run = tmp_path / "런/seeds"  # here, where names are UTF-8, the folder reads as it was made
+    report = (run / "report.md").read_bytes().decode("utf-8")
     assert "±" in report
-    for path in [tmp_path / "seeds/config.json", tmp_path / "seeds/mlp/seed0/stats.json"]:
+    for path in [run / "config.json", run / "mlp/seed0/stats.json"]:
         json.loads(path.read_bytes().decode("utf-8"))
+
+
+def test_a_folder_name_that_is_not_utf8_is_kept_as_the_system_gave_it(mnist_dir, tmp_path):
+    out = os.fsencode(tmp_path) + b"/caf\xe9"  # Latin-1 bytes, under this machine's UTF-8
+    args = [b"--data-dir", mnist_dir, b"--out-dir", out, b"--run-name", b"r\xe9", *TINY, b"--model", b"mlp",
+            b"--epochs", b"1", b"--quiet"]  # fmt: skip
+    for argv in ([ROOT / "main.py", *args], [ROOT / "plot.py", out + b"/latest"]):  # plot.py reads config.json back
+        done = script(*argv)
+        assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr.decode("utf-8", "replace")
+    run = Path(os.fsdecode(out)) / "latest"
+    config = json.loads((run / "config.json").read_bytes().decode("utf-8"))
+    assert os.fsencode(config["out_dir"]) == out  # the name as the system gave it
+    assert (run / "plots/mlp_curves.png").exists()
+    assert (run / "report.md").read_bytes().startswith(b"# Report: r\xe9\n")
 
 
 def test_a_hangul_path_on_a_cp1252_console_is_printed_not_raised(mnist_dir, tmp_path):
