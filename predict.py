@@ -277,10 +277,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
 # --------------------------------------------------------------------------- CLI
 
 
+def view_names(paths):
+    """{path: the file name of its view}: its own name as PNG, numbered when two images share a name
+    (a/seven.png and b/seven.jpg give seven.png and seven-2.png)."""
+    names, taken = {}, set()
+    for path in paths:
+        name, k = f"{path.stem}.png", 1
+        while name in taken:
+            k += 1
+            name = f"{path.stem}-{k}.png"
+        names[path] = name
+        taken.add(name)
+    return names
+
+
 def predict_files(models, paths, as_json=False, view_dir=None):
     """Answer each image; a failure is one line naming the file and the others are still answered.
     Returns the number of images that failed."""
-    failed = 0
+    failed, views = 0, view_names(paths)
     for path in paths:
         try:
             results, view = answer(models, path.read_bytes())
@@ -292,16 +306,26 @@ def predict_files(models, paths, as_json=False, view_dir=None):
             else:
                 print(f"error: {path}: {reason}; nothing predicted", file=sys.stderr)
             continue
+        saved = {}
         if view_dir is not None:
-            view_dir.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(view).save(view_dir / f"{path.stem}.png")
+            Image.fromarray(view).save(view_dir / views[path])
+            saved = {"view": str(view_dir / views[path])}
         if as_json:
-            print(json.dumps({"image": str(path), "models": results}))
+            print(json.dumps({"image": str(path), "models": results, **saved}))
         else:
             print(path)
             for name, result in results.items():
                 print(f"  {name:<10}  {describe(result)}")
+            if saved:
+                print(f"  {'view':<10}  {saved['view']}")
     return failed
+
+
+def port(text):
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    if not text.isdecimal() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {text!r}")
+    return int(text)
 
 
 def main(argv=()):
@@ -316,10 +340,16 @@ def main(argv=()):
     p.add_argument("--view", type=Path, metavar="DIR", help="write the 28x28 image the models were given to DIR")
     p.add_argument("--serve", action="store_true", help="serve the drawing page instead")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port to serve on (default: 8000)")
+    p.add_argument("--port", type=port, default=8000, help="port to serve on (default: 8000)")
     args = p.parse_args(list(argv))
     if not args.images and not args.serve:
         p.error("name at least one image, or --serve")
+    if args.view is not None:
+        try:
+            args.view.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            reason = "a file, not a folder" if args.view.is_file() else e.strerror
+            p.error(f"argument --view: {args.view}: {reason}")
     try:
         models = load_models(args.run, args.model and [n.strip() for n in args.model.split(",")])
     except RunError as e:

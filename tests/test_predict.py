@@ -378,3 +378,29 @@ def test_drawing_on_the_page_shows_each_models_digit(server, tmp_path):
         assert sum(a != b for a, b in zip(seen[7][name], seen[0][name])) >= 20
     with Image.open(screenshot) as shot:
         assert shot.width == 900 and shot.height >= 620
+
+
+def test_bad_port_and_view_are_one_line_and_views_of_same_named_images_are_kept_apart(
+    one_epoch_run, images, tmp_path, capsys
+):
+    (tmp_path / "a_file").write_text("")
+    for argv, message in [
+        (["--serve", "--port", "70000"], "argument --port: expected a port number from 0 to 65535, got '70000'"),
+        (["--serve", "--port", "http"], "argument --port: expected a port number from 0 to 65535, got 'http'"),
+        ([str(images / "seven.png"), "--view", str(tmp_path / "a_file")], f"{tmp_path / 'a_file'}: a file, not a folder"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            predict.main([*argv, "--run", str(one_epoch_run)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and "Traceback" not in err
+        assert err.splitlines()[-1].startswith("predict.py: error:")
+    (images / "other").mkdir()
+    shutil.copy(images / "photo.jpg", images / "other/seven.jpg")  # another image of the same name: a 2
+    files = [images / "seven.png", images / "other/seven.jpg"]
+    views = tmp_path / "views"
+    assert predict.main([*map(str, files), "--run", str(one_epoch_run), "--json", "--view", str(views)]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [a["view"] for a in answers] == [str(views / "seven.png"), str(views / "seven-2.png")]
+    for answer, path in zip(answers, files):
+        with Image.open(answer["view"]) as view:
+            assert np.array_equal(np.asarray(view), predict.to_mnist(predict.open_image(path.read_bytes()))[1])
