@@ -4,6 +4,7 @@
     python bench.py --steps 1875       # whole epochs (60,000 images at batch 32)
     python bench.py --device cuda      # on a GPU: the same, plus main.train without CUDA graphs
     python bench.py --page runs/latest # the drawing page's endpoint instead, on that run's models
+    python bench.py --page runs/latest --load 20   # the page's server under a class's load, for 20 s
 
 Seconds to load train.tar the first time (every PNG decoded) and from the cache, then
 (a) samples per second delivered to a training loop (on --device) by
@@ -21,6 +22,12 @@ Every time is the median of --repeats interleaved runs; epochs are extrapolated 
 With --page: milliseconds per POST /predict of a 280x280 drawing over loopback, one request at a time
 as the page sends them, with each model's feature maps in the answer; against predict.answer() in
 the same process without the maps and without HTTP.
+With --page and --load SECONDS: `predict.py --serve` in a process of its own, for that long, under
+20 clients drawing at once (each draws a digit for DRAW_SECONDS, sending its next drawing as soon as
+the last is answered, as the page does, then looks at the answer for --look seconds),
+100 idle connections held open (each opened again as soon as the server closes it) and 4 oversized
+images sent at once (two 7,000x7,000 PNGs, two 48-megapixel JPEGs): every drawing's answer, their
+latencies, and the server's peak memory.
 Prints a table, then one JSON line with every number.
 """
 
@@ -30,8 +37,13 @@ import http.client
 import io
 import itertools
 import json
+import random
 import shutil
+import signal
+import socket
 import statistics
+import subprocess
+import sys
 import tarfile
 import tempfile
 import threading
@@ -194,6 +206,11 @@ def parse_args(argv=None):
     )
     p.add_argument("--page", type=Path, metavar="RUN", help="time the drawing page's endpoint on RUN's models instead")
     p.add_argument("--requests", type=int, default=100, help="with --page: requests timed")
+    p.add_argument("--load", type=float, metavar="SECONDS", help="with --page: the server under load for so long")
+    p.add_argument("--clients", type=int, default=20, help="with --load: clients drawing at once")
+    p.add_argument("--idle", type=int, default=100, help="with --load: idle connections held open")
+    p.add_argument("--look", type=float, default=LOOK_SECONDS, help="with --load: seconds each client pauses "
+                   f"after drawing for {DRAW_SECONDS:g} s (0: draws without a pause)")  # fmt: skip
     args = p.parse_args(argv)
     try:
         args.device = main.pick_device(args.device)
@@ -246,7 +263,111 @@ def page_times(run_dir, requests):
     return times
 
 
+def oversized():
+    """Two images a server must not decode whole: a 7,000x7,000 grey PNG and a 8,000x6,000 JPEG of a digit."""
+    images = []
+    for size, kind in (((7000, 7000), "PNG"), ((8000, 6000), "JPEG")):
+        image = Image.new("L", size, 255)
+        ImageDraw.Draw(image).line([(2000, 1500), (5000, 1500), (3000, 4500)], fill=0, width=400)
+        buffer = io.BytesIO()
+        image.save(buffer, format=kind)
+        images.append(buffer.getvalue())
+    return images
+
+
+DRAW_SECONDS, LOOK_SECONDS = 1.0, 1.0  # a student at the page: a digit drawn in a second, its answer read in one
+
+
+def load_test(run_dir, seconds, clients, idle, look=LOOK_SECONDS):
+    """The page's server (``predict.py --serve``, a process of its own) under load; returns the numbers.
+    ``look=0``: every client draws without a pause, the most a server can be asked."""
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("predict.py")), "--serve", "--run", str(run_dir), "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    port = int(server.stdout.readline().split("http://127.0.0.1:")[1].split()[0])
+    body, big = drawing(), oversized()
+    end = time.monotonic() + seconds
+    drawn, refused, idle_opened = [], [], [0]
+
+    def draw(start):
+        """A student at the page: a digit drawn in DRAW_SECONDS, during which the page sends the next drawing
+        as soon as the last is answered, then LOOK_SECONDS looking at the answer; ``start``: when to begin."""
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        time.sleep(start)
+        while time.monotonic() < end:
+            digit_end = time.monotonic() + DRAW_SECONDS
+            while time.monotonic() < min(digit_end, end):
+                sent = time.perf_counter()
+                try:
+                    connection.request("POST", "/predict", body, {"Content-Type": "image/png"})
+                    response = connection.getresponse()
+                    answer = response.read()
+                    drawn.append((response.status, (time.perf_counter() - sent) * 1000, b'"inside"' in answer))
+                except OSError as e:  # no answer at all
+                    drawn.append((type(e).__name__, (time.perf_counter() - sent) * 1000, False))
+                    connection.close()
+            time.sleep(look)
+
+    def send_oversized(image):  # once, when every student has started
+        time.sleep(2.5)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        try:
+            connection.request("POST", "/predict", image)
+            refused.append(connection.getresponse().status)
+        except OSError as e:
+            refused.append(type(e).__name__)
+        connection.close()
+
+    def hold_idle():
+        while time.monotonic() < end:
+            with socket.create_connection(("127.0.0.1", port)) as connection:
+                idle_opened[0] += 1
+                connection.settimeout(max(0.1, end - time.monotonic()))
+                try:
+                    connection.recv(1)  # b"" when the server closes it
+                except (TimeoutError, OSError):
+                    pass
+
+    workers = [threading.Thread(target=hold_idle) for _ in range(idle)]
+    workers += [threading.Thread(target=send_oversized, args=(big[k % 2],)) for k in range(4)]
+    starts = random.Random(0).sample(range(1000), clients)  # the students start apart, within 2 s
+    workers += [threading.Thread(target=draw, args=(2 * k / 1000,)) for k in starts]
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    finally:
+        server.send_signal(signal.SIGINT)  # predict.py --serve ends on Ctrl-C
+        server.wait(timeout=30)
+    import resource  # Unix only, so not at the top: bench.py runs on Windows too
+
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # of the server, the one child
+    peak_mb = peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    latencies = [ms for status, ms, _ in drawn if status == 200]
+    return {
+        "seconds": seconds, "clients": clients, "look_s": look, "idle": idle, "idle_connections_opened": idle_opened[0],
+        "drawings": len(drawn), "answered": sum(status == 200 and maps for status, _, maps in drawn),
+        "median_ms": statistics.median(latencies) if latencies else None,
+        "p90_ms": statistics.quantiles(latencies, n=10)[-1] if len(latencies) > 1 else None,
+        "oversized": {str(status): refused.count(status) for status in sorted(set(refused), key=str)},
+        "server_peak_mb": peak_mb,
+    }  # fmt: skip
+
+
 def page_cli(args):
+    if args.load:
+        result = {"torch": torch.__version__, "cpu": main.cpu_name(),
+                  **load_test(args.page, args.load, args.clients, args.idle, args.look)}  # fmt: skip
+        print(f"torch {torch.__version__}, {main.cpu_name()}; predict.py --serve for {args.load:g} s under "
+              f"{args.clients} clients drawing, {args.idle} idle connections and 4 oversized images")
+        print(f"drawings: {result['answered']} of {result['drawings']} answered, median {result['median_ms']:.1f} ms, "
+              f"90th percentile {result['p90_ms']:.1f} ms")
+        print(f"oversized images: {result['oversized']} (status: count); idle connections opened: "
+              f"{result['idle_connections_opened']}; the server's peak memory: {result['server_peak_mb']:.0f} MB")
+        print(json.dumps(result))
+        return result
     times = page_times(args.page, args.requests)
     medians = {key: statistics.median(t) for key, t in times.items()}
     p90 = statistics.quantiles(times["request_ms"], n=10)[-1] if len(times["request_ms"]) > 1 else medians["request_ms"]

@@ -12,11 +12,16 @@ them; the command line and the page share it.
 """
 
 import argparse
+import contextlib
 import functools
 import http.server
 import io
 import json
+import re
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +33,8 @@ from dataset import normalize, safe_console, to_unit
 from model import MODELS, inside
 from runs import RunError
 
-MAX_PIXELS = 50_000_000  # a 50-megapixel photo; anything claiming more is refused before decoding
+MAX_PIXELS = 50_000_000  # a 50-megapixel phone photo; anything claiming more is refused before decoding
+MAX_DECODED = 16_000_000  # pixels decoded at most: a JPEG is decoded reduced (PIL's draft), other formats whole
 WORK_SIDE = 512  # larger images are shrunk to this before the pixel work: a digit needs no more
 BOX, FIELD = 20, 28  # MNIST: the digit's longer side, and the image around it
 MAX_BODY = 2_000_000  # bytes of one image sent to the page's endpoint
@@ -49,6 +55,13 @@ def open_image(data):
         with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > MAX_PIXELS:  # checked before any pixel is decoded
                 raise ImageInputError(f"{image.width}x{image.height} pixels is more than {MAX_PIXELS:,}")
+            if image.format == "JPEG":  # decoded at 1/2, 1/4 or 1/8 of its size, still at least WORK_SIDE
+                image.draft("L", (WORK_SIDE, WORK_SIDE))
+            if image.width * image.height > MAX_DECODED:
+                raise ImageInputError(
+                    f"{image.width}x{image.height} pixels is more than {MAX_DECODED:,} for a {image.format} "
+                    f"(a JPEG may have up to {MAX_PIXELS:,}); send a smaller image"
+                )
             image = ImageOps.exif_transpose(image)
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 image = image.convert("RGBA")
@@ -78,12 +91,14 @@ def ink_map(gray):
     if np.median(border) > 0.5:
         x = 1 - x
     h, w = x.shape
-    rows, cols = np.mgrid[0:h, 0:w]
-    design = np.stack([np.ones(h * w), rows.ravel() / h, cols.ravel() / w], 1)
+    design = np.ones((h * w, 3), np.float32)  # a plane: 1, row / h, column / w
+    design[:, 1] = np.repeat(np.arange(h, dtype=np.float32) / h, w)
+    design[:, 2] = np.tile(np.arange(w, dtype=np.float32) / w, h)
     flat = x.ravel()
     background = flat <= np.median(flat)  # to start with: ink covers less than half the image
     for _ in range(6):  # fit, take the pixels far above the fit for ink, fit again, until that settles
-        coef, *_ = np.linalg.lstsq(design[background], flat[background], rcond=None)
+        fit = design[background]  # least squares by the normal equations: three unknowns, so a 3x3 system
+        coef = np.linalg.solve(fit.T @ fit, fit.T @ flat[background])
         residual = flat - design @ coef
         level, below = np.percentile(residual[background], [50, 15.87])
         spread = level - below  # the noise's standard deviation, from the paper's side alone: ink lies above
@@ -214,10 +229,60 @@ def describe(result):
 # --------------------------------------------------------------------------- the page
 
 
-def make_server(models, host="127.0.0.1", port=8000):
-    """A ThreadingHTTPServer with one page (GET /), one endpoint (POST /predict, an image as the body) and
-    the MLP's first-layer weights for the page to draw (GET /weights)."""
-    return http.server.ThreadingHTTPServer((host, port), functools.partial(Handler, models))
+IDLE_SECONDS = 5  # a connection that sends nothing for this long is closed
+REQUEST_SECONDS = 10  # and one whose request line, headers and body take longer than this
+DECODERS = 2  # images decoded at once; a request waits for its turn ...
+DECODE_WAIT = 10  # ... this many seconds at most, then gets 503
+
+
+def make_server(models, host="127.0.0.1", port=8000, idle=IDLE_SECONDS, deadline=REQUEST_SECONDS,
+                decode_wait=DECODE_WAIT):  # fmt: skip
+    """The page's server: one page (GET /), one endpoint (POST /predict, an image as the body) and the
+    MLP's first-layer weights for the page to draw (GET /weights); a thread per connection, each
+    connection bounded in time, DECODERS images decoded at once."""
+    server = PageServer((host, port), functools.partial(Handler, models))
+    server.idle, server.deadline, server.decode_wait = idle, deadline, decode_wait
+    server.decoding = threading.BoundedSemaphore(DECODERS)
+    threading.Thread(target=server.watch, daemon=True).start()
+    return server
+
+
+class PageServer(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer, and one thread more that cuts off requests read for too long (``reading``)."""
+
+    request_queue_size = 128  # connections waiting to be accepted: a class opening the page at once
+
+    def __init__(self, *args, **kwargs):
+        self.reading, self.lock = {}, threading.Lock()  # {socket: when its request must have been read}
+        self.closed = threading.Event()
+        super().__init__(*args, **kwargs)
+
+    def server_close(self):
+        self.closed.set()
+        super().server_close()
+
+    def watch(self, every=0.1):
+        """Shut the sockets whose request is not read by its deadline: their reads then come back empty.
+        A socket timeout alone cannot: a client trickling a byte at a time never lets a read time out."""
+        while not self.closed.wait(every):
+            with self.lock:
+                late = [s for s, deadline in self.reading.items() if deadline < time.monotonic()]
+                for connection in late:
+                    del self.reading[connection]
+            for connection in late:
+                with contextlib.suppress(OSError):  # closed meanwhile
+                    connection.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request, client_address):
+        """A client that went away mid-answer, or too slow to finish its request, is not the server's error:
+        it ends that connection and nothing more. Anything else is a traceback, as socketserver prints it."""
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            super().handle_error(request, client_address)
+
+
+def printable(text):
+    """``text`` for the terminal: control characters (an escape sequence in a request path) as \\x.. escapes."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -225,13 +290,31 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.models = models
         super().__init__(*args, **kwargs)
 
+    def setup(self):
+        self.timeout = self.server.idle  # StreamRequestHandler puts it on the socket: every read is bounded
+        super().setup()
+
+    def handle_one_request(self):
+        """One request, read within the server's deadline (PageServer.watch), else cut off."""
+        with self.server.lock:
+            self.server.reading[self.connection] = time.monotonic() + self.server.deadline
+        try:
+            super().handle_one_request()
+        finally:
+            self.read()
+
+    def read(self):
+        """The request is read: from here on the answer takes what time it takes."""
+        with self.server.lock:
+            self.server.reading.pop(self.connection, None)
+
     def log_message(self, format, *args):  # one line per bad request is enough, see reply()
         pass
 
     def reply(self, status, body, kind="application/json"):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         if status >= 400:
-            print(f"{self.command} {self.path}: {status} {body.get('error')}", file=sys.stderr)
+            print(printable(f"{self.command} {self.path}: {status} {body.get('error')}"), file=sys.stderr)
         self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
@@ -239,6 +322,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
+        self.read()  # the request is read
         if self.path == "/weights":
             if (weights := mlp_weights(self.models)) is None:
                 return self.reply(404, {"error": "the run has no trained mlp, so no weights to show"})
@@ -257,20 +341,34 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         if self.path != "/predict":
+            self.read()
             return self.reply(404, {"error": f"no endpoint {self.path}; POST an image to /predict"})
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self.close_connection = True
-            return self.reply(411, {"error": "the request needs a Content-Length"})
+        header = self.headers.get("Content-Length")
+        if header is None or not re.fullmatch(r"[0-9]+", header.strip()):
+            self.read()
+            self.close_connection = True  # the body, if any, is left unread
+            if header is None:
+                return self.reply(411, {"error": "the request needs a Content-Length"})
+            return self.reply(400, {"error": f"Content-Length {printable(header)!r} is not a whole number of bytes"})
+        length = int(header)
         if length > MAX_BODY:
             self.discard(length)
+            self.read()
             self.close_connection = True
             return self.reply(413, {"error": f"the image is {length:,} bytes, more than {MAX_BODY:,}"})
+        body = self.rfile.read(length)
+        self.read()
+        if len(body) < length:  # the client stopped sending, or the deadline cut it off
+            self.close_connection = True
+            return
+        if not self.server.decoding.acquire(timeout=self.server.decode_wait):
+            return self.reply(503, {"error": "busy: other images are being decoded; try again"})
         try:
-            models, view, maps = answer(self.models, self.rfile.read(length), maps=True)
+            models, view, maps = answer(self.models, body, maps=True)
         except ImageInputError as e:
             return self.reply(422 if "no ink" in str(e) else 400, {"error": str(e)})
+        finally:
+            self.server.decoding.release()
         self.reply(200, {"models": models, "view": view.tolist(), "inside": maps})
 
 

@@ -68,3 +68,11 @@ def test_the_page_bench_times_requests_with_the_maps_against_the_plain_answer(on
     assert all(v > 0 for v in result["median_ms"].values())
     out = capsys.readouterr().out
     assert "POST /predict with the maps, 3 requests of a 280x280 drawing" in out and "predict.answer in process" in out
+
+
+def test_the_load_test_answers_every_drawing_and_measures_the_servers_memory(one_epoch_run, capsys):
+    result = bench.main_cli(["--page", str(one_epoch_run), "--load", "3", "--clients", "2", "--idle", "3"])
+    assert result["drawings"] > 0 and result["answered"] == result["drawings"]
+    assert result["oversized"] == {"200": 2, "400": 2}  # the JPEGs decoded reduced, the PNGs refused
+    assert result["idle_connections_opened"] >= 3 and 100 < result["server_peak_mb"] < 10_000
+    assert "drawings: " in capsys.readouterr().out

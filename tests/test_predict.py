@@ -1,10 +1,14 @@
 """predict.py: MNIST's preprocessing for any image, the command line, the endpoint, and the page in a real browser."""
 
+import contextlib
 import io
 import json
 import os
 import shutil
+import socket
+import struct
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -13,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import bomb_png, png_bytes
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import dataset
 import predict
@@ -404,3 +408,117 @@ def test_bad_port_and_view_are_one_line_and_views_of_same_named_images_are_kept_
     for answer, path in zip(answers, files):
         with Image.open(answer["view"]) as view:
             assert np.array_equal(np.asarray(view), predict.to_mnist(predict.open_image(path.read_bytes()))[1])
+
+
+# --------------------------------------------------------------------------- the server on a network
+
+
+@pytest.fixture
+def strict_server(one_epoch_run):
+    """The page's server with short limits: idle 0.5 s, a request read in 1.5 s, a decoder awaited 0.3 s."""
+    httpd = predict.make_server(
+        predict.load_models(one_epoch_run, ["lenet5"]), "127.0.0.1", 0, idle=0.5, deadline=1.5, decode_wait=0.3
+    )
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def raw(server, data, wait=5):
+    """What the server sends back on one connection for ``data`` sent raw, until it closes it (or ``wait`` s)."""
+    with socket.create_connection(("127.0.0.1", server.server_port), timeout=wait) as connection:
+        connection.sendall(data)
+        received = b""
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            while chunk := connection.recv(65536):
+                received += chunk
+    return received
+
+
+def test_a_content_length_that_is_not_a_whole_number_is_refused_at_once_unread(strict_server, capsys):
+    for length in ["-1", "-300000000", "abc", "1e3", "+5", " 12 3"]:
+        start = time.monotonic()
+        answer = raw(strict_server, f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n".encode())
+        assert answer.startswith(b"HTTP/1.0 400") and b"is not a whole number of bytes" in answer, length
+        assert time.monotonic() - start < 1  # answered at once, not after the client gave up
+    answer = raw(strict_server, b"POST /predict HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 411")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 7 and "Traceback" not in err
+
+
+def test_idle_and_slow_connections_are_closed_after_a_few_seconds_without_a_traceback(strict_server, capsys):
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", strict_server.server_port)) for _ in range(30)]
+    start = time.monotonic()
+    while threading.active_count() < before + 30 and time.monotonic() - start < 0.4:
+        time.sleep(0.01)
+    assert threading.active_count() >= before + 30  # a thread each, while they are open
+    for connection in idle:
+        connection.settimeout(3)
+        assert connection.recv(1) == b""  # closed by the server
+        connection.close()
+    assert time.monotonic() - start < 1.2  # at the idle timeout (0.5 s), before the deadline (1.5 s) came
+    slow = socket.create_connection(("127.0.0.1", strict_server.server_port), timeout=5)
+    start = time.monotonic()
+    with contextlib.suppress(ConnectionError):  # a byte every 0.2 s: each read is quick, the request never ends
+        for byte in b"POST /predict HTTP/1.1\r\nContent-Length: 100\r\n\r\n" + b"x" * 100:
+            slow.send(bytes([byte]))
+            time.sleep(0.2)
+            if time.monotonic() - start > 4:
+                break
+    assert time.monotonic() - start < 3  # cut off at the deadline (1.5 s), the send then fails
+    slow.close()
+    time.sleep(0.3)
+    assert threading.active_count() <= before + 1
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def big_jpeg(size=(8000, 6000)):
+    image = Image.new("L", size, 255)
+    ImageDraw.Draw(image).line([(2000, 1500), (5000, 1500), (3000, 4500)], fill=0, width=400)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_a_large_jpeg_is_decoded_reduced_and_other_large_images_are_refused():
+    photo = predict.open_image(big_jpeg())  # 48 megapixels
+    assert photo.size == (1000, 750)  # decoded at an eighth of its size, still above WORK_SIDE
+    assert predict.to_mnist(photo)[1].max() == 255
+    with pytest.raises(ImageInputError, match="7000x7000 pixels is more than 16,000,000 for a PNG"):
+        predict.open_image(png_bytes(np.full((7000, 7000), 255, np.uint8)))
+    with pytest.raises(ImageInputError, match="10000x6000 pixels is more than 50,000,000"):
+        predict.open_image(big_jpeg((10_000, 6000)))
+
+
+def test_images_wait_for_a_free_decoder_and_get_503_when_none_frees(strict_server, test_digits, capsys):
+    url = f"http://127.0.0.1:{strict_server.server_port}/predict"
+    seven = png_bytes(test_digits[0][0])
+    for _ in range(predict.DECODERS):  # every decoder busy
+        strict_server.decoding.acquire()
+    status, answer = request(url, seven)
+    assert status == 503 and answer["error"] == "busy: other images are being decoded; try again"
+    threading.Timer(0.1, strict_server.decoding.release).start()  # one frees within the wait
+    assert request(url, seven)[0] == 200
+    for _ in range(predict.DECODERS - 1):
+        strict_server.decoding.release()
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_control_characters_of_a_path_are_escaped_in_the_log_and_a_client_that_leaves_costs_no_traceback(
+    server, strict_server, capsys
+):
+    raw(strict_server, b"GET /\x1b[31mred\x07 HTTP/1.1\r\nHost: x\r\n\r\n")
+    err = capsys.readouterr().err
+    assert "GET /\\x1b[31mred\\x07: 404" in err and "\x1b" not in err and "\x07" not in err
+    for _ in range(5):  # asks for the weights (250 KB), and resets the connection before reading them
+        connection = socket.create_connection(("127.0.0.1", int(server.rsplit(":", 1)[1])))
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.sendall(b"GET /weights HTTP/1.1\r\nHost: x\r\n\r\n")
+        connection.close()  # before the server, busy making them, writes a byte
+    time.sleep(0.5)
+    assert request(f"{server}/weights")[0] == 200  # still serving
+    assert "Traceback" not in capsys.readouterr().err
