@@ -75,6 +75,17 @@ def open_image(data):
         raise ImageInputError(f"a damaged image ({e})") from None
 
 
+@functools.lru_cache(maxsize=8)
+def plane_design(h, w):
+    """The least-squares design of a plane over an h x w image: columns 1, row / h, column / w (read-only;
+    kept, as the page sends one size again and again)."""
+    design = np.ones((h * w, 3), np.float32)
+    design[:, 1] = np.repeat(np.arange(h, dtype=np.float32) / h, w)
+    design[:, 2] = np.tile(np.arange(w, dtype=np.float32) / w, h)
+    design.flags.writeable = False
+    return design
+
+
 def ink_map(gray):
     """Bright ink on a background of exactly 0, in [0, 1], from a grayscale uint8 array.
 
@@ -91,9 +102,7 @@ def ink_map(gray):
     if np.median(border) > 0.5:
         x = 1 - x
     h, w = x.shape
-    design = np.ones((h * w, 3), np.float32)  # a plane: 1, row / h, column / w
-    design[:, 1] = np.repeat(np.arange(h, dtype=np.float32) / h, w)
-    design[:, 2] = np.tile(np.arange(w, dtype=np.float32) / w, h)
+    design = plane_design(h, w)
     flat = x.ravel()
     background = flat <= np.median(flat)  # to start with: ink covers less than half the image
     for _ in range(6):  # fit, take the pixels far above the fit for ink, fit again, until that settles
@@ -184,11 +193,16 @@ def load_models(run, names=None):
 
 
 @torch.inference_mode()
-def classify(models, image):
-    """{model name: ten probabilities}, averaged over a model's seeds, for one normalized image."""
-    return {
-        name: torch.stack([m(image).softmax(1)[0] for m in seeds]).mean(0).tolist() for name, seeds in models.items()
-    }
+def classify(models, image, maps=False):
+    """{model name: ten probabilities}, averaged over a model's seeds, for one normalized image; with
+    ``maps``, also {model name: {layer: its activations, ``scaled``}} of each model's first seed, taken
+    with forward hooks (model.inside) in the same forward pass."""
+    probs, seen = {}, {}
+    for name, seeds in models.items():
+        first, layers = inside(seeds[0], image) if maps else (seeds[0](image), {})
+        probs[name] = torch.cat([first, *(m(image) for m in seeds[1:])]).softmax(1).mean(0).tolist()
+        seen[name] = {layer: scaled(values[0]) for layer, values in layers.items()}
+    return (probs, seen) if maps else probs
 
 
 def scaled(values):
@@ -196,12 +210,6 @@ def scaled(values):
     rounded (activations after ReLU come to 0..255, signed weights to -255..255; all zeros stay 0)."""
     top = values.abs().max()
     return (values * (255 / top) if top > 0 else values).round().to(torch.int16).tolist()
-
-
-@torch.inference_mode()
-def look_inside(models, image):
-    """{name: {layer: its maps on ``image``, scaled}} for the first seed of each model (model.INSIDE)."""
-    return {name: {layer: scaled(maps[0]) for layer, maps in inside(seeds[0], image)[1].items()} for name, seeds in models.items()}
 
 
 def mlp_weights(models):
@@ -213,11 +221,11 @@ def mlp_weights(models):
 
 def answer(models, data, maps=False):
     """What the command line and the page say of one image's bytes: ({name: {digit, probs}}, view), and
-    with ``maps`` a third item, what each model computed on the way (``look_inside``)."""
+    with ``maps`` a third item, what each model's first seed computed on the way (``classify``)."""
     image, view = to_mnist(open_image(data))
-    probs = classify(models, image)
+    probs, seen = classify(models, image, maps=True) if maps else (classify(models, image), None)
     results = {name: {"digit": int(np.argmax(p)), "probs": p} for name, p in probs.items()}
-    return (results, view, look_inside(models, image)) if maps else (results, view)
+    return (results, view, seen) if maps else (results, view)
 
 
 def describe(result):
