@@ -20,7 +20,8 @@ import torch
 from matplotlib.figure import Figure
 
 from dataset import normalize
-from model import LeNet5, inside
+from model import IMAGE_SIDE, KERNEL, LeNet5, inside
+
 
 def tiles(maps, columns, pad=1, zoom=1):
     """(N, h, w) maps as one 2-D array, ``columns`` to a row, each enlarged ``zoom`` times, NaN between."""
@@ -55,7 +56,7 @@ def filters_figure(models):
     models = conv_models(models)
     fig = Figure(figsize=(10, 1.2 + 2.7 * len(models)), layout="constrained")
     widths = [1, 16]  # tiles across: conv1's column, conv2's grid
-    axes = fig.subplots(len(models), 2, width_ratios=[w * 6 - 1 for w in widths], squeeze=False)
+    axes = fig.subplots(len(models), 2, width_ratios=[w * (KERNEL + 1) - 1 for w in widths], squeeze=False)
     for (name, model), (ax1, ax2) in zip(models.items(), axes):
         conv1 = model.conv1.weight.detach()[:, 0]  # (6, 5, 5)
         conv2 = model.conv2.weight.detach().transpose(0, 1).flatten(0, 1)  # (6 * 16, 5, 5), a row per map read
@@ -76,14 +77,14 @@ def filters_figure(models):
 
 def mlp_weights_figure(model):
     """The MLP's 75 first-layer units, each unit's 784 weights as the 28x28 image it responds to."""
-    weights = model.fc1.weight.detach().view(-1, 28, 28)
+    weights = model.fc1.weight.detach().view(-1, IMAGE_SIDE, IMAGE_SIDE)
     columns = 15
     fig = Figure(figsize=(10, 4.3), layout="constrained")
     ax = fig.subplots()
     image = diverging(ax, tiles(weights, columns, pad=2), weights.abs().max().item())
     rows = math.ceil(len(weights) / columns)
-    ax.set_xticks(centres(columns, 28, 2), range(columns), fontsize=8)
-    ax.set_yticks(centres(rows, 28, 2), range(0, len(weights), columns), fontsize=8)
+    ax.set_xticks(centres(columns, IMAGE_SIDE, 2), range(columns), fontsize=8)
+    ax.set_yticks(centres(rows, IMAGE_SIDE, 2), range(0, len(weights), columns), fontsize=8)
     ax.set(xlabel="+ column", ylabel="unit")
     fig.colorbar(image, ax=ax, shrink=0.9, label="weight (one scale)")
     ax.set_title("mlp fc1: the weights of each of its 75 units as a 28x28 image (red: ink there raises it)")
@@ -146,7 +147,8 @@ def notes(models, test_set):
     for name, (layer, r) in shift_agreement(models, test_set).items():
         what = "the moved digit's maps and the unmoved digit's maps moved as far" if layer.startswith("conv") else (
             "the moved digit's activations and the unmoved digit's")  # fmt: skip
-        lines.append(f"- {name} {layer}, the first 1,000 test digits moved 2 px right: mean correlation {r:.3f} between {what}.")
+        moved_by = "the first 1,000 test digits moved 2 px right"
+        lines.append(f"- {name} {layer}, {moved_by}: mean correlation {r:.3f} between {what}.")
     return lines
 
 

@@ -78,7 +78,8 @@ def crowding(fig):
         return max(0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0, min(a.y1, b.y1) - max(a.y0, b.y0)) > 1
 
     problems = [f"{text!r} on a panel" for text, box in boxes for panel in panels if overlap(box, panel)]
-    problems += [f"{a!r} on {b!r}" for i, (a, box) in enumerate(boxes) for b, other in boxes[i + 1 :] if overlap(box, other)]
+    pairs = [(a, box, b, other) for i, (a, box) in enumerate(boxes) for b, other in boxes[i + 1 :]]
+    problems += [f"{a!r} on {b!r}" for a, box, b, other in pairs if overlap(box, other)]
     problems += [f"{text!r} outside" for text, box in boxes if not fig.bbox.contains(box.x0, box.y0) or
                  not fig.bbox.contains(box.x1, box.y1)]  # fmt: skip
     return problems
@@ -102,7 +103,11 @@ def test_the_figures_of_what_the_models_learned_are_readable_at_their_size(run_c
 
 def test_the_inside_figures_show_the_first_seeds_final_weights(trained_run, tmp_path, monkeypatch):
     run = shutil.copytree(trained_run / "seeds", tmp_path / "seeds")
-    images = recorded_saves(monkeypatch, lambda fig: fig.axes[0].images and fig.axes[0].images[0].get_array().filled(np.nan))
+
+    def first_image(fig):
+        return fig.axes[0].images and fig.axes[0].images[0].get_array().filled(np.nan)
+
+    images = recorded_saves(monkeypatch, first_image)
     assert plot.main([str(run)]) == 0
     weights = [runs.load_model(run / f"mlp/seed{s}")[0].fc1.weight.detach().view(-1, 28, 28) for s in (0, 1)]
     shown = images["mlp_weights.png"]
@@ -200,11 +205,19 @@ def test_a_run_without_stats_draws_nothing_and_exits_1(tmp_path, capsys):
         ),
     ],
 )
-def test_a_broken_stats_file_is_named_and_the_rest_still_drawn(run_copy, capsys, damage, message):
+def test_a_broken_stats_file_is_named_and_the_rest_still_read(run_copy, capsys, damage, message):
     damage(run_copy / "mlp" / "stats.json")
-    assert plot.main([str(run_copy)]) == 0
+    assert list(plot.load_run(run_copy)) == ["lenet5", "lenet5_reg"]
     err = capsys.readouterr().err
     assert f"error: {run_copy / 'mlp' / 'stats.json'}: " in err and message in err and err.count("\n") == 1
+
+
+def test_a_broken_stats_file_is_one_line_and_the_other_models_are_drawn(run_copy, capsys):
+    (run_copy / "mlp" / "stats.json").write_text("{not json")
+    assert plot.main([str(run_copy)]) == 0
+    err = capsys.readouterr().err
+    assert err == f"error: {run_copy / 'mlp' / 'stats.json'}: not valid JSON" + err.split("not valid JSON", 1)[1]
+    assert err.count("\n") == 1
     assert (run_copy / "plots" / "lenet5_curves.png").exists() and not (run_copy / "plots" / "mlp_curves.png").exists()
 
 
