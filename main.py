@@ -566,14 +566,14 @@ def start_run(args, ranks):
     launch = dict(when=time.strftime("%Y-%m-%d %H:%M:%S %z"), device=str(device), threads=torch.get_num_threads(),
                   cpu=cpu_name(), torch=torch.__version__, python=platform.python_version(),
                   world_size=ranks.world_size)  # fmt: skip
-    saved = cfg if run_dir is None else {**runs.read_json(run_dir / "config.json"), **runs.where_data(cfg)}
     cfg.update(launch)
     processes = ranks.gather("rank", ranks.record(device, cfg["threads"]))  # before any slow step
     if ranks.spread:
-        launch["ranks"] = processes
-    if saved is cfg:
-        cfg.update(launch)
+        launch["ranks"] = cfg["ranks"] = processes
+    if run_dir is None:  # what rank 0 writes to config.json
+        saved = cfg
     else:
+        saved = {**runs.read_json(run_dir / "config.json"), **runs.where_data(cfg)}
         saved["resumes"] = [*saved.get("resumes", []), launch]
     if ranks.rank != 0:
         try:
