@@ -60,12 +60,11 @@ def stats_files(run_dir):
     run's); without a readable config.json, every */stats.json and */seed*/stats.json (a damaged one
     is warned of)."""
     try:
-        cfg = runs.read_config(run_dir)
+        folders = [folder for _, _, folder in runs.job_folders(run_dir)]
     except RunError as e:
         if (run_dir / "config.json").exists():  # a damaged one is said; a missing one is said below, if it matters
             warn(f"{e}; drawing every model folder's stats.json")
         return sorted(run_dir.glob("*/stats.json")) + sorted(run_dir.glob("*/seed*/stats.json"))
-    folders = [runs.job_dir(run_dir, name, seed, cfg["per_seed"]) for name, seed in runs.jobs(cfg)]
     return [folder / "stats.json" for folder in folders if (folder / "stats.json").exists()]  # started jobs
 
 

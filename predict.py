@@ -330,7 +330,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
-        self.read()  # the request is read
         if self.path == "/weights":
             if (weights := mlp_weights(self.models)) is None:
                 return self.reply(404, {"error": "the run has no trained mlp, so no weights to show"})
@@ -349,23 +348,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def do_POST(self):
         if self.path != "/predict":
-            self.read()
             return self.reply(404, {"error": f"no endpoint {self.path}; POST an image to /predict"})
         header = self.headers.get("Content-Length")
         if header is None or not re.fullmatch(r"[0-9]+", header.strip()):
-            self.read()
             self.close_connection = True  # the body, if any, is left unread
             if header is None:
                 return self.reply(411, {"error": "the request needs a Content-Length"})
-            return self.reply(400, {"error": f"Content-Length {printable(header)!r} is not a whole number of bytes"})
+            return self.reply(400, {"error": f"Content-Length {header!r} is not a whole number of bytes"})
         length = int(header)
         if length > MAX_BODY:
             self.discard(length)
-            self.read()
             self.close_connection = True
             return self.reply(413, {"error": f"the image is {length:,} bytes, more than {MAX_BODY:,}"})
         body = self.rfile.read(length)
-        self.read()
+        self.read()  # the decoding below takes what time it takes
         if len(body) < length:  # the client stopped sending, or the deadline cut it off
             self.close_connection = True
             return

@@ -136,9 +136,13 @@ def jobs(cfg, slowest_first=False):
 def trained_jobs(run_dir):
     """(model, seed, folder) of each job that config.json lists and that has completed an epoch, in the
     run's order; folders it does not list (a job moved aside, say) are not the run's."""
+    return [(name, seed, folder) for name, seed, folder in job_folders(run_dir) if (folder / "last.pt").is_file()]
+
+
+def job_folders(run_dir):
+    """(model, seed, folder) of every job that the run's config.json lists, in the run's order."""
     cfg = read_config(run_dir)
-    found = [(name, seed, job_dir(run_dir, name, seed, cfg["per_seed"])) for name, seed in jobs(cfg)]
-    return [(name, seed, folder) for name, seed, folder in found if (folder / "last.pt").is_file()]
+    return [(name, seed, job_dir(run_dir, name, seed, cfg["per_seed"])) for name, seed in jobs(cfg)]
 
 
 # --------------------------------------------------------------------------- files
