@@ -1,6 +1,7 @@
-"""What the models learned, drawn and measured: the figures and notes of report.md's "What the models
-learned", which plot.py saves, from the real weights and the real intermediate tensors (model.inside's
-forward hooks), as CNN Explainer (Wang et al. 2020) and Harley's MNIST visualizer (2015) show them.
+"""What the models learned, drawn and measured: the figures and notes of report.md's "What the
+models learned", which plot.py saves, from the real weights and the real intermediate tensors
+(model.inside's forward hooks), as CNN Explainer (Wang et al. 2020) and Harley's MNIST visualizer
+(2015) show them.
 
 - ``filters_figure``: each LeNet-5's conv1 and conv2 kernels, one diverging colour scale per layer;
 - ``mlp_weights_figure``: the MLP's 75 first-layer units, each unit's 784 weights as a 28x28 image;
@@ -19,12 +20,14 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from dataset import normalize
+from dataset import normalize, to_unit
+from distortions import shift
 from model import IMAGE_SIDE, KERNEL, LeNet5, inside
 
 
 def tiles(maps, columns, pad=1, zoom=1):
-    """(N, h, w) maps as one 2-D array, ``columns`` to a row, each enlarged ``zoom`` times, NaN between."""
+    """(N, h, w) maps as one 2-D array, ``columns`` to a row, each enlarged ``zoom`` times, NaN
+    between."""
     maps = np.asarray(maps, dtype=float).repeat(zoom, 1).repeat(zoom, 2)
     n, h, w = maps.shape
     rows = math.ceil(n / columns)
@@ -41,7 +44,8 @@ def centres(count, side, pad=1):
 
 
 def diverging(ax, image, top):
-    """Signed weights on blue (negative) to red (positive), white at zero, -top..top; grey between tiles."""
+    """Signed weights on blue (negative) to red (positive), white at zero, -top..top; grey between
+    tiles."""
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.75")
     return ax.imshow(image, cmap=cmap, vmin=-top, vmax=top)
 
@@ -56,12 +60,18 @@ def filters_figure(models):
     models = conv_models(models)
     fig = Figure(figsize=(10, 1.2 + 2.7 * len(models)), layout="constrained")
     widths = [1, 16]  # tiles across: conv1's column, conv2's grid
-    axes = fig.subplots(len(models), 2, width_ratios=[w * (KERNEL + 1) - 1 for w in widths], squeeze=False)
-    for (name, model), (ax1, ax2) in zip(models.items(), axes):
+    axes = fig.subplots(
+        len(models), 2, width_ratios=[w * (KERNEL + 1) - 1 for w in widths], squeeze=False
+    )
+    for (name, model), (ax1, ax2) in zip(models.items(), axes, strict=True):
         conv1 = model.conv1.weight.detach()[:, 0]  # (6, 5, 5)
-        conv2 = model.conv2.weight.detach().transpose(0, 1).flatten(0, 1)  # (6 * 16, 5, 5), a row per map read
+        # (6 * 16, 5, 5), a row per map read
+        conv2 = model.conv2.weight.detach().transpose(0, 1).flatten(0, 1)
         side = conv1.shape[-1]
-        for ax, weights, columns, where in [(ax1, conv1, widths[0], "left"), (ax2, conv2, widths[1], "right")]:
+        for ax, weights, columns, where in [
+            (ax1, conv1, widths[0], "left"),
+            (ax2, conv2, widths[1], "right"),
+        ]:
             image = diverging(ax, tiles(weights, columns), weights.abs().max().item())
             fig.colorbar(image, ax=ax, location=where, shrink=0.9, label="weight")
         ax1.set_title(f"{name}\nconv1", fontsize=10)
@@ -71,7 +81,10 @@ def filters_figure(models):
         ax2.set_yticks(centres(6, side), [f"from map {k}" for k in range(6)], fontsize=8)
         ax2.set_xticks(centres(16, side), range(16), fontsize=8)
         ax2.set_xlabel("conv2 map it makes", fontsize=9)
-    fig.suptitle("What the convolutions learned: 5x5 kernels of the final weights, one colour scale per layer")
+    fig.suptitle(
+        "What the convolutions learned: 5x5 kernels of the final weights,"
+        " one colour scale per layer"
+    )
     return fig
 
 
@@ -87,7 +100,9 @@ def mlp_weights_figure(model):
     ax.set_yticks(centres(rows, IMAGE_SIDE, 2), range(0, len(weights), columns), fontsize=8)
     ax.set(xlabel="+ column", ylabel="unit")
     fig.colorbar(image, ax=ax, shrink=0.9, label="weight (one scale)")
-    ax.set_title("mlp fc1: the weights of each of its 75 units as a 28x28 image (red: ink there raises it)")
+    ax.set_title(
+        "mlp fc1: the weights of each of its 75 units as a 28x28 image (red: ink there raises it)"
+    )
     return fig
 
 
@@ -95,10 +110,10 @@ TEMPLATE_CORRELATION = 0.5  # the rule for a "digit-like" MLP unit, below
 
 
 def templates(mlp, test_set):
-    """(units with a digit-like template, the median unit's best correlation): a unit's 784 weights count
-    as a template of a digit when they correlate at TEMPLATE_CORRELATION or more (in either sign) with
-    one class's mean test image minus the mean of all test images."""
-    images = test_set.images.float().flatten(1) / 255
+    """(units with a digit-like template, the median unit's best correlation): a unit's 784 weights
+    count as a template of a digit when they correlate at TEMPLATE_CORRELATION or more (in either
+    sign) with one class's mean test image minus the mean of all test images."""
+    images = to_unit(test_set.images).flatten(1)
     classes = torch.stack([images[test_set.labels == c].mean(0) for c in test_set.labels.unique()])
     best = correlations(mlp.fc1.weight.detach(), classes - images.mean(0)).abs().amax(1)
     return int((best >= TEMPLATE_CORRELATION).sum()), best.median().item()
@@ -107,29 +122,25 @@ def templates(mlp, test_set):
 def correlations(a, b):
     """Pearson correlation of each row of ``a`` with each row of ``b``: (len(a), len(b))."""
     a, b = (x.flatten(1) - x.flatten(1).mean(1, keepdim=True) for x in (a, b))
-    return (a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ (b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)).T
-
-
-def moved(images, pixels):
-    """Moved ``pixels`` to the right, the emptied columns at 0."""
-    out = torch.zeros_like(images)
-    out[..., pixels:] = images[..., :-pixels]
-    return out
+    return (a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ (
+        b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    ).T
 
 
 @torch.inference_mode()
 def shift_agreement(models, test_set, pixels=2, count=1000):
-    """{model: (layer, r)}: r is the mean correlation of the first layer of model.INSIDE on the first
-    ``count`` test digits moved ``pixels`` to the right, with that layer on the unmoved digits, moved
-    as far for a convolution's maps (does what it found move with the digit?), as they are for a dense
-    layer's units."""
-    images = test_set.images[:count].float().unsqueeze(1) / 255
+    """{model: (layer, r)}: r is the mean correlation of the first layer of model.INSIDE on the
+    first ``count`` test digits moved ``pixels`` to the right, with that layer on the unmoved
+    digits, moved as far for a convolution's maps (does what it found move with the digit?), as they
+    are for a dense layer's units."""
+    images = to_unit(test_set.images[:count])
+    right = (pixels, 0)
     out = {}
     for name, model in models.items():
         layer, before = next(iter(inside(model, normalize(images))[1].items()))
-        after = inside(model, normalize(moved(images, pixels)))[1][layer]
+        after = inside(model, normalize(shift(images, right)))[1][layer]
         if before.dim() == 4:
-            before = moved(before, pixels)
+            before = shift(before, right)
         out[name] = (layer, correlations(after, before).diagonal().mean().item())
     return out
 
@@ -139,14 +150,19 @@ def notes(models, test_set):
     lines = ["", "## What the models learned (first seed's final weights)", ""]
     if "mlp" in models:
         count, median = templates(models["mlp"], test_set)
+        units = models["mlp"].fc1.out_features
         lines += [
-            f"- mlp: {count} of {models['mlp'].fc1.out_features} first-layer units have a digit-like template: their "
-            f"weights correlate at {TEMPLATE_CORRELATION} or more with one class's mean test image minus the mean of "
-            f"all; the median unit's best correlation is {median:.2f}."
+            f"- mlp: {count} of {units} first-layer units have a digit-like"
+            f" template: their weights correlate at {TEMPLATE_CORRELATION} or more with one class's"
+            " mean test image minus the mean of all; the median unit's best correlation is"
+            f" {median:.2f}."
         ]
     for name, (layer, r) in shift_agreement(models, test_set).items():
-        what = "the moved digit's maps and the unmoved digit's maps moved as far" if layer.startswith("conv") else (
-            "the moved digit's activations and the unmoved digit's")  # fmt: skip
+        what = (
+            "the moved digit's maps and the unmoved digit's maps moved as far"
+            if layer.startswith("conv")
+            else ("the moved digit's activations and the unmoved digit's")
+        )
         moved_by = "the first 1,000 test digits moved 2 px right"
         lines.append(f"- {name} {layer}, {moved_by}: mean correlation {r:.3f} between {what}.")
     return lines
@@ -154,15 +170,21 @@ def notes(models, test_set):
 
 def first_of_each_class(test_set):
     """Indices of the first test image of each digit 0-9 (fewer if a class is missing)."""
-    return [int((test_set.labels == c).nonzero()[0, 0]) for c in range(10) if (test_set.labels == c).any()]
+    return [
+        int((test_set.labels == c).nonzero()[0, 0])
+        for c in range(10)
+        if (test_set.labels == c).any()
+    ]
 
 
-ROW, GAP = 57, 6  # pixels of one digit's row in activations.png (two 28x28 maps and a gap), and between rows
+# pixels of one digit's row in activations.png (two 28x28 maps and a gap), and between rows
+ROW, GAP = (57, 6)
 
 
 def layer_tiles(values):
-    """One digit's activations of one layer, (C, h, w) maps or (units,), as a tile image at most ROW tall:
-    28x28 maps in rows of 3, smaller maps enlarged twice in rows of 8, units as cells of a 5-row grid."""
+    """One digit's activations of one layer, (C, h, w) maps or (units,), as a tile image at most ROW
+    tall: 28x28 maps in rows of 3, smaller maps enlarged twice in rows of 8, units as cells of a
+    5-row grid."""
     if values.dim() == 1:
         return tiles(values.view(-1, 1, 1), math.ceil(len(values) / 5), pad=0, zoom=11)
     side = values.shape[-1]
@@ -181,10 +203,10 @@ def column(blocks):
 @torch.inference_mode()
 def activations_figure(models, test_set):
     """For one test digit of each class (a row each): the input, then each model's activations after
-    ReLU at the layers of model.INSIDE (taken with hooks: model.inside), each layer on one grey scale
-    from 0 to its largest value over these digits, and each model's answer on the right."""
+    ReLU at the layers of model.INSIDE (taken with hooks: model.inside), each layer on one grey
+    scale from 0 to its largest value over these digits, and each model's answer on the right."""
     chosen = first_of_each_class(test_set)
-    columns = [column([tiles(image[None].float() / 255, 1, zoom=2) for image in test_set.images[chosen]])]
+    columns = [column([tiles(image, 1, zoom=2) for image in to_unit(test_set.images[chosen])])]
     heads, answers = ["input"], []
     for name, model in models.items():
         logits, seen = inside(model, test_set.normalized[chosen])
@@ -193,13 +215,17 @@ def activations_figure(models, test_set):
             values = values / values.max().clamp_min(1e-12)
             columns.append(column([layer_tiles(v) for v in values]))
             heads.append(f"{name} {layer}\n" + "x".join(map(str, values.shape[1:])))
-    canvas = np.full((columns[0].shape[0], sum(c.shape[1] for c in columns) + 8 * (len(columns) - 1)), np.nan)
+    canvas = np.full(
+        (columns[0].shape[0], sum(c.shape[1] for c in columns) + 8 * (len(columns) - 1)), np.nan
+    )
     left, middles = 0, []
     for block in columns:
         canvas[:, left : left + block.shape[1]] = block
         middles.append(left + block.shape[1] / 2)
         left += block.shape[1] + 8
-    fig = Figure(figsize=(2.6 + canvas.shape[1] / 70, 1.2 + canvas.shape[0] / 70), layout="constrained")
+    fig = Figure(
+        figsize=(2.6 + canvas.shape[1] / 70, 1.2 + canvas.shape[0] / 70), layout="constrained"
+    )
     ax = fig.subplots()
     ax.imshow(canvas, cmap=matplotlib.colormaps["gray"].with_extremes(bad="white"), vmin=0, vmax=1)
     rows = [k * (ROW + GAP) + ROW / 2 for k in range(len(chosen))]
@@ -207,12 +233,17 @@ def activations_figure(models, test_set):
     ax.xaxis.tick_top()
     ax.set_yticks(rows, [f"label {test_set.labels[i].item()}" for i in chosen], fontsize=8)
     said = ax.secondary_yaxis("right")
-    said.set_yticks(rows, ["  ".join(f"{name}: {a[k]}" for name, a in answers) for k in range(len(chosen))])
+    said.set_yticks(
+        rows, ["  ".join(f"{name}: {a[k]}" for name, a in answers) for k in range(len(chosen))]
+    )
     said.tick_params(labelsize=8, length=0)
     ax.tick_params(length=0)
     for spine in [*ax.spines.values(), *said.spines.values()]:
         spine.set_visible(False)
-    fig.suptitle("What the models compute on a digit: activations after ReLU, final weights, each layer on\n"
-                 "one grey scale (black 0, white its largest value over these ten digits); the answers on the right",
-                 fontsize=10)  # fmt: skip
+    fig.suptitle(
+        "What the models compute on a digit: activations after ReLU, final weights, each layer on\n"
+        "one grey scale (black 0, white its largest value over these ten digits);"
+        " the answers on the right",
+        fontsize=10,
+    )
     return fig

@@ -9,10 +9,14 @@ Every model returns logits; ``nn.CrossEntropyLoss`` applies the softmax.
     python model.py    # per-layer table and parameter total of each model
 """
 
+import sys
+
 import torch
 from torch import nn
 
-IMAGE_SIDE = 28  # MNIST digits, one channel
+import cli
+from dataset import IMAGE_SIDE
+
 NUM_CLASSES = 10
 KERNEL = 5
 # 28 -conv 5x5, pad 2-> 28 -pool-> 14 -conv 5x5-> 10 -pool-> 5
@@ -50,9 +54,10 @@ class LeNet5(nn.Module):
         self.fc3 = nn.Linear(F6, NUM_CLASSES)
         self.relu = nn.ReLU()
 
-    # Measured on a 2-core CPU: channels-last makes a training step about 1.2x faster.
+    # Channels-last: a faster training step on a CPU (docs/performance.md).
     memory_format = torch.channels_last
-    # What ``inside`` shows: {name: the module whose output, after ReLU, is that layer's feature maps}.
+    # What ``inside`` shows: {name: the module whose output, after ReLU, is that layer's feature
+    # maps}.
     INSIDE = {"conv1": "conv1", "conv2": "conv2"}
 
     def forward(self, x):  # (N, 1, 28, 28)
@@ -65,12 +70,13 @@ class LeNet5(nn.Module):
 
 
 class LeNet5Regularized(LeNet5):
-    """LeNet-5 with BatchNorm after each convolution and the first two fully connected layers, and Dropout.
+    """LeNet-5 with BatchNorm after each convolution and the first two fully connected layers, and
+    Dropout.
 
     BatchNorm (before each ReLU) keeps activations well scaled, which allows
     fast, stable SGD and regularizes through batch noise. The technique that
     matters most, augmentation of the training images with broad random
-    changes of shape and look (``dataset.distort``), lives in dataset.py.
+    changes of shape and look (``distortions.distort``), lives in distortions.py.
     Dropout before fc2 and fc3 (rate ``dropout``) stops the classifier leaning
     on single features; it is off by default, since with that augmentation the
     network under-fits rather than over-fits, and Dropout measurably costs
@@ -92,12 +98,14 @@ class LeNet5Regularized(LeNet5):
 
     def __init__(self, batchnorm=True, dropout=0.0):
         super().__init__()
-        norm2d, norm1d = (nn.BatchNorm2d, nn.BatchNorm1d) if batchnorm else (nn.Identity, nn.Identity)
+        norm2d, norm1d = (
+            (nn.BatchNorm2d, nn.BatchNorm1d) if batchnorm else (nn.Identity, nn.Identity)
+        )
         self.bn1, self.bn2 = norm2d(C1), norm2d(C3)
         self.bn3, self.bn4 = norm1d(F5), norm1d(F6)
         self.dropout = nn.Dropout(dropout)
 
-    # Measured on a 2-core CPU: BatchNorm2d is 1.5x slower in channels-last.
+    # BatchNorm2d is slower in channels-last (docs/performance.md).
     memory_format = torch.contiguous_format
     INSIDE = {"conv1": "bn1", "conv2": "bn2"}  # each convolution's maps as BatchNorm leaves them
 
@@ -200,17 +208,26 @@ def format_table(name, model):
     """The printable per-layer table of ``model``; its total is counted from the model itself."""
     rows = layer_table(model)
     lines = [f"{name} ({type(model).__name__})", f"{'layer':<10} {'output':<14} {'params':>8}"]
-    lines += [f"{layer:<10} {'x'.join(map(str, shape)):<14} {count:>8,}" for layer, shape, count in rows]
+    lines += [
+        f"{layer:<10} {'x'.join(map(str, shape)):<14} {count:>8,}" for layer, shape, count in rows
+    ]
     # Modules called more than once (the shared pool and ReLU) hold no parameters,
     # so the rows add up to the model's count.
     lines.append(f"{'total':<25} {sum(count for _, _, count in rows):>8,}")
     return "\n".join(lines)
 
 
-def main():
+def parse_args(argv=None):
+    return cli.parser("model.py", __doc__).parse_args(cli.arguments(argv))
+
+
+def main(argv=None):
+    parse_args(argv)
     for name, cls in MODELS.items():
         print(format_table(name, cls()), end="\n\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    cli.safe_console()
+    sys.exit(main(sys.argv[1:]))

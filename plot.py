@@ -13,7 +13,6 @@ weights, what the models learned: filters.png (the LeNet-5s' kernels), mlp_weigh
 (the layers' activations on a test digit of each class); then RUN_DIR/report.md.
 """
 
-import argparse
 import functools
 import math
 import statistics
@@ -29,13 +28,14 @@ from matplotlib.ft2font import FT2Font
 from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid
 
+import cli
 import learned
 import robustness
 import runs
-from dataset import MNIST, DatasetError, batch_loader, safe_console, split_path, write_text
-from main import TEST_BATCH_SIZE
+from dataset import MNIST, TEST_BATCH_SIZE, DatasetError, batch_loader, split_path
+from files import write_text
 from model import MODELS
-from runs import RunError
+from runs import RunError, mean_std, seeds_note
 
 PANELS = [  # (stats key, panel title, y label)
     ("train_loss", "Training loss", "mean cross-entropy"),
@@ -48,11 +48,7 @@ MAX_MISCLASSIFIED = 64
 DPI = 100
 
 
-def warn(message):
-    print(f"error: {message}", file=sys.stderr)
-
-
-# --------------------------------------------------------------------------- reading
+# ------------------------------------------------------------ reading
 
 
 def stats_files(run_dir):
@@ -62,10 +58,13 @@ def stats_files(run_dir):
     try:
         folders = [folder for _, _, folder in runs.job_folders(run_dir)]
     except RunError as e:
-        if (run_dir / "config.json").exists():  # a damaged one is said; a missing one is said below, if it matters
-            warn(f"{e}; drawing every model folder's stats.json")
+        if (
+            run_dir / "config.json"
+        ).exists():  # a damaged one is said; a missing one is said below, if it matters
+            cli.error(f"{e}; drawing every model folder's stats.json")
         return sorted(run_dir.glob("*/stats.json")) + sorted(run_dir.glob("*/seed*/stats.json"))
-    return [folder / "stats.json" for folder in folders if (folder / "stats.json").exists()]  # started jobs
+    # started jobs
+    return [folder / "stats.json" for folder in folders if (folder / "stats.json").exists()]
 
 
 def load_run(run_dir):
@@ -75,16 +74,20 @@ def load_run(run_dir):
         try:
             stats = runs.read_stats(path)
         except RunError as e:
-            warn(e)
+            cli.error(e)
             continue
         if not stats["epochs"]:
-            warn(f"{path}: holds no epochs")
+            cli.error(f"{path}: holds no epochs")
             continue
         run.setdefault(stats["model"], []).append((path.parent, stats))
     if not run:
-        warn(f"{run_dir}: no readable stats.json in its model folders")
+        cli.error(f"{run_dir}: no readable stats.json in its model folders")
     order = list(MODELS)  # the registry's order; unknown names last
-    return dict(sorted(run.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+    return dict(
+        sorted(
+            run.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)
+        )
+    )
 
 
 def per_epoch(seeds, key):
@@ -93,21 +96,15 @@ def per_epoch(seeds, key):
     n = min(len(stats["epochs"]) for _, stats in seeds)  # seeds may differ in length mid-run
     columns = [[stats["epochs"][i][key] * scale for _, stats in seeds] for i in range(n)]
     mean = [statistics.fmean(c) for c in columns]
-    std = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in columns]  # sample std, as in report.md
+    # sample std, as in report.md
+    std = [statistics.stdev(c) if len(c) > 1 else 0.0 for c in columns]
     return list(range(1, n + 1)), mean, std
 
 
-def mean_std(values, digits=2):
-    """Fractions as percent: the one value, or mean ± sample std over seeds."""
-    if len(values) == 1:
-        return f"{values[0] * 100:.{digits}f}%"
-    return f"{statistics.fmean(values) * 100:.{digits}f} ± {statistics.stdev(values) * 100:.{digits}f}%"
+# ------------------------------------------------------------ fonts
 
 
-# --------------------------------------------------------------------------- fonts
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _characters(font_file):
     try:
         return frozenset(FT2Font(font_file).get_charmap())
@@ -116,10 +113,12 @@ def _characters(font_file):
 
 
 def font_families(texts):
-    """(font families, characters none has) for drawing ``texts``: matplotlib's DejaVu Sans, then, for
-    characters it lacks (Hangul, say), the first installed fonts that have them."""
+    """(font families, characters none has) for drawing ``texts``: matplotlib's DejaVu Sans, then,
+    for characters it lacks (Hangul, say), the first installed fonts that have them."""
     families = [matplotlib.rcParamsDefault["font.sans-serif"][0]]
-    missing = {ord(c) for text in texts for c in text} - _characters(font_manager.findfont(families[0]))
+    missing = {ord(c) for text in texts for c in text} - _characters(
+        font_manager.findfont(families[0])
+    )
     for font in font_manager.fontManager.ttflist:
         if not missing:
             break
@@ -136,15 +135,18 @@ def drawable(text, unavailable):
     return "".join("?" if c in unavailable else c for c in text)
 
 
-# --------------------------------------------------------------------------- figures
+# ------------------------------------------------------------ figures
 
 
 def draw_curves(axes, seeds, label):
-    for ax, (key, _, _) in zip(axes.flat, PANELS):
+    for ax, (key, _, _) in zip(axes.flat, PANELS, strict=True):
         epochs, mean, std = per_epoch(seeds, key)
         (line,) = ax.plot(epochs, mean, marker="o", markersize=3, label=label)
         if len(seeds) > 1:
-            low, high = [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)]
+            low, high = (
+                [m - s for m, s in zip(mean, std, strict=True)],
+                [m + s for m, s in zip(mean, std, strict=True)],
+            )
             ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2)
 
 
@@ -152,7 +154,7 @@ def curves_figure(title):
     # A bare Figure, not pyplot: nothing global changes (a notebook's backend stays as it was).
     fig = Figure(figsize=(10, 7), layout="constrained")
     axes = fig.subplots(2, 2)
-    for ax, (_, panel, ylabel) in zip(axes.flat, PANELS):
+    for ax, (_, panel, ylabel) in zip(axes.flat, PANELS, strict=True):
         ax.set(title=panel, xlabel="epoch", ylabel=ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
@@ -167,12 +169,10 @@ def save(fig, path):
     return path
 
 
-def seeds_note(count):
-    return f", mean and ±1 std band over {count} seeds" if count > 1 else ""
-
-
 def plot_model_curves(name, seeds, out):
-    fig, axes = curves_figure(f"{name} ({seeds[0][1]['params']:,} parameters){seeds_note(len(seeds))}")
+    fig, axes = curves_figure(
+        f"{name} ({seeds[0][1]['params']:,} parameters){seeds_note(len(seeds))}"
+    )
     draw_curves(axes, seeds, name)
     return save(fig, out / f"{name}_curves.png")
 
@@ -180,27 +180,36 @@ def plot_model_curves(name, seeds, out):
 def plot_comparison(runs_, out, unavailable=frozenset()):
     several = len(runs_) > 1
     most_seeds = max(len(seeds) for run in runs_.values() for seeds in run.values())
-    fig, axes = curves_figure("Comparison" + (" of runs" if several else " of models") + seeds_note(most_seeds))
+    fig, axes = curves_figure(
+        "Comparison" + (" of runs" if several else " of models") + seeds_note(most_seeds)
+    )
     for run_dir, run in runs_.items():
         for name, seeds in run.items():
-            draw_curves(axes, seeds, drawable(f"{run_dir.name}: {name}", unavailable) if several else name)
+            draw_curves(
+                axes, seeds, drawable(f"{run_dir.name}: {name}", unavailable) if several else name
+            )
     axes.flat[0].legend(fontsize="small")
     return save(fig, out / "comparison.png")
 
 
 def final_model(folder):
-    """(model, stats row of its epoch) of a job folder's final weights (last.pt); None if unusable."""
+    """(model, stats row of its epoch) of a job folder's final weights (last.pt); None if
+    unusable."""
     try:
         return runs.load_model(folder)
     except RunError as e:
-        warn(f"{e}, so no confusion matrix, misclassified digits or robustness sweep for {folder}")
+        cli.error(
+            f"{e}, so no confusion matrix, misclassified digits or robustness sweep for {folder}"
+        )
         return None
 
 
 @torch.inference_mode()
-def predict(model, test_set):
+def predictions(model, test_set):
     """The model's predicted label for each test image."""
-    return torch.cat([model(images).argmax(1) for images, _ in batch_loader(test_set, TEST_BATCH_SIZE)])
+    return torch.cat(
+        [model(images).argmax(1) for images, _ in batch_loader(test_set, TEST_BATCH_SIZE)]
+    )
 
 
 def checkpoint_note(rows):
@@ -208,7 +217,8 @@ def checkpoint_note(rows):
     if len(rows) == 1:
         return f"last.pt: epoch {rows[0]['epoch']}, test accuracy {rows[0]['test_acc']:.2%}"
     epochs = ", ".join(sorted({str(r["epoch"]) for r in rows}))
-    return f"last.pt of {len(rows)} seeds: epoch {epochs}, test accuracy {mean_std([r['test_acc'] for r in rows])}"
+    accuracy = mean_std([r["test_acc"] for r in rows])
+    return f"last.pt of {len(rows)} seeds: epoch {epochs}, test accuracy {accuracy}"
 
 
 def plot_confusion(name, confusion, rows, out):
@@ -216,7 +226,9 @@ def plot_confusion(name, confusion, rows, out):
     fig = Figure(figsize=(6.5, 5.5), layout="constrained")
     ax = fig.subplots()
     confusion = confusion.numpy()
-    image = ax.imshow(confusion, cmap="Blues", norm=matplotlib.colors.LogNorm(vmin=0.5, vmax=confusion.max()))
+    image = ax.imshow(
+        confusion, cmap="Blues", norm=matplotlib.colors.LogNorm(vmin=0.5, vmax=confusion.max())
+    )
     for (true, pred), count in np.ndenumerate(confusion):
         if count >= 0.5:
             color = "white" if count > confusion.max() / 4 else "black"
@@ -244,85 +256,18 @@ def plot_misclassified(name, test_set, predictions, row, out):
         x, y = (k % cols) * 30 + 3, (k // cols) * 30 + 2  # each cell is 28 pixels plus 2 of padding
         ax.text(x, y, f"{true}→{pred}", color="red", fontsize=9, fontweight="bold", va="top")
     ax.set_axis_off()
-    count = f"all {len(wrong)}" if len(shown) == len(wrong) else f"the first {len(shown)} of {len(wrong)}"
-    ax.set_title(f"{name}: misclassified test digits (true→predicted), {count}\n{checkpoint_note([row])}")
+    count = (
+        f"all {len(wrong)}"
+        if len(shown) == len(wrong)
+        else f"the first {len(shown)} of {len(wrong)}"
+    )
+    ax.set_title(
+        f"{name}: misclassified test digits (true→predicted), {count}\n{checkpoint_note([row])}"
+    )
     return save(fig, out / f"{name}_misclassified.png")
 
 
-# --------------------------------------------------------------------------- report
-
-
-def robustness_tables(sweep):
-    """report.md's robustness section: per family, each model's mean accuracy over the five strengths,
-    and its accuracy at the strongest; then the clean accuracy and the mean over the whole sweep."""
-    if not sweep:
-        return []
-    accuracies = by_model(sweep)
-    names = list(accuracies)
-    lines = ["", "## Robustness: the test digits changed (robustness.py)", ""]
-    lines += ["Accuracy of the final weights, mean over the five strengths of each family (at the strongest"]
-    lines += ["in brackets); mean ± std over seeds where there are several.", ""]
-    lines += ["| family | strengths | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
-    for family, (unit, strengths, _) in robustness.FAMILIES.items():
-        cells = [
-            f"{mean_std([statistics.fmean(a[family][1:]) for a in accuracies[n]], 1)}"
-            f" ({mean_std([a[family][-1] for a in accuracies[n]], 1)})"
-            for n in names
-        ]
-        lines.append(f"| {family} | {', '.join(f'{s:g}' for s in strengths[1:])} {unit} | " + " | ".join(cells) + " |")
-    clean = [mean_std([a["shift"][0] for a in accuracies[n]]) for n in names]
-    mean = [mean_std([robustness.sweep_mean(a) for a in accuracies[n]]) for n in names]
-    lines.append("| **clean test set** | | " + " | ".join(clean) + " |")
-    lines.append("| **mean over the sweep** | | " + " | ".join(mean) + " |")
-    levels = max(len(strengths) for _, strengths, _ in robustness.FAMILIES.values()) - 1
-    for name in names:
-        lines += ["", f"### {name}: accuracy at each strength", ""]
-        lines += ["| family | " + " | ".join(f"strength {k}" for k in range(1, levels + 1)) + " |"]
-        lines += ["|---|" + "---:|" * levels]
-        for family, (unit, strengths, _) in robustness.FAMILIES.items():
-            cells = [f"{s:g}: {mean_std([a[family][k] for a in accuracies[name]], 1)}" for k, s in enumerate(strengths)]
-            lines.append(f"| {family} ({unit}) | " + " | ".join(cells[1:]) + " |")
-    return lines
-
-
-def by_model(sweep):
-    """{model: [each seed's {family: [accuracy per strength]}]}, in the registry's order."""
-    found = {}
-    for job in sweep.values():
-        found.setdefault(job["model"], []).append(job["accuracy"])
-    return {name: found[name] for name in MODELS if name in found}
-
-
-def plot_robustness(sweep, out):
-    """One small panel per family: accuracy against strength (none to severe, left to right), a line
-    per model with its seed band."""
-    families, cols = robustness.FAMILIES, 5
-    rows = math.ceil((len(families) + 1) / cols)  # one panel more, for the legend
-    fig = Figure(figsize=(12.5, 2.5 * rows), layout="constrained")
-    axes = list(fig.subplots(rows, cols, sharey=True, squeeze=False).flat)
-    accuracies = by_model(sweep)
-    for ax, (family, (unit, strengths, _)) in zip(axes, families.items()):
-        levels = range(len(strengths))
-        for name, seeds in accuracies.items():
-            values = np.array([a[family] for a in seeds]) * 100  # (seeds, strengths)
-            (line,) = ax.plot(levels, values.mean(0), marker="o", markersize=3, label=name)
-            if len(seeds) > 1:
-                low, high = values.mean(0) - values.std(0, ddof=1), values.mean(0) + values.std(0, ddof=1)
-                ax.fill_between(levels, low, high, color=line.get_color(), alpha=0.2)
-        ax.set_title(family, fontsize=10)
-        ax.set_xlabel(unit, fontsize=8)
-        ax.set_xticks(levels, [f"{s:g}" for s in strengths])
-        ax.tick_params(labelsize=7)
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-    for ax in axes[len(families) :]:
-        ax.set_axis_off()
-    handles, labels = fig.axes[0].get_legend_handles_labels()
-    seeds = max(len(s) for s in accuracies.values())
-    legend = axes[len(families)].legend(handles, labels, loc="center left", title=f"accuracy (%){seeds_note(seeds)}")
-    legend.set_in_layout(False)  # it may reach into the empty panel beside it; the panels keep their widths
-    fig.suptitle("Robustness: test accuracy as the digits are changed more and more (final weights)")
-    return save(fig, out / "robustness.png")
+# ------------------------------------------------------------ report
 
 
 def report(run_dir, run, per_class, figures, sweep=None, inside_notes=()):
@@ -332,7 +277,8 @@ def report(run_dir, run, per_class, figures, sweep=None, inside_notes=()):
         lines += [f"Accuracies are mean ± std over {seeds_in} seeds.", ""]
     validated = all("val_acc" in s["epochs"][-1] for seeds in run.values() for _, s in seeds)
     lines += [
-        "| model | parameters | final test acc | " + "final val acc | " * validated
+        "| model | parameters | final test acc | "
+        + "final val acc | " * validated
         + "final train acc | s/epoch | reference |",
         "|---|---:|---:|" + "---:|" * validated + "---:|---:|---|",
     ]
@@ -343,28 +289,36 @@ def report(run_dir, run, per_class, figures, sweep=None, inside_notes=()):
         val = f" | {mean_std([f['val_acc'] for f in final])}" if validated else ""
         lines.append(
             f"| {name} | {stats[0]['params']:,} | {mean_std([f['test_acc'] for f in final])}{val}"
-            f" | {mean_std([f['train_acc'] for f in final])} | {seconds:.1f} | {REFERENCE.get(name, '')} |"
+            f" | {mean_std([f['train_acc'] for f in final])} | {seconds:.1f}"
+            f" | {REFERENCE.get(name, '')} |"
         )
-    lines += robustness_tables(sweep)
+    lines += robustness.report_lines(sweep)
     if per_class:
         lines += ["", "## Test accuracy per class (final weights)", ""]
         lines += ["| model | " + " | ".join(map(str, range(10))) + " |", "|---|" + "---:|" * 10]
         for name, accs in per_class.items():
             cells = [mean_std([a[c] for a in accs], digits=1) for c in range(10)]
-            cells = ["–" if any(math.isnan(a[c]) for a in accs) else cell for c, cell in enumerate(cells)]
+            cells = [
+                "–" if any(math.isnan(a[c]) for a in accs) else cell for c, cell in enumerate(cells)
+            ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         if any(math.isnan(v) for accs in per_class.values() for a in accs for v in a):
             lines += ["", "–: the test set holds no image of that digit (--test-limit)."]
     lines += inside_notes
     lines += ["", "## Figures", ""]
-    lines += [f"![{p.stem}]({p.relative_to(run_dir).as_posix()})" for p in figures if p.is_relative_to(run_dir)]
+    lines += [
+        f"![{p.stem}]({p.relative_to(run_dir).as_posix()})"
+        for p in figures
+        if p.is_relative_to(run_dir)
+    ]
     path = run_dir / "report.md"
-    write_text(path, "\n".join(lines) + "\n")  # UTF-8 whatever the locale: the ± and → stay readable
+    # UTF-8 whatever the locale: the ± and → stay readable
+    write_text(path, "\n".join(lines) + "\n")
     print(path)
     return path
 
 
-# --------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------ CLI
 
 
 def load_test_split(run_dir, data_dir):
@@ -372,13 +326,15 @@ def load_test_split(run_dir, data_dir):
     try:
         config = runs.read_config(run_dir)
     except RunError as e:
-        warn(f"{e}; no confusion matrices")
+        cli.error(f"{e}; no confusion matrices")
         return None
     data_dir = Path(data_dir or config["data_dir"])
     try:
-        return MNIST(split_path(data_dir, "test") or data_dir / "test.tar", limit=config["test_limit"])
+        return MNIST(
+            split_path(data_dir, "test") or data_dir / "test.tar", limit=config["test_limit"]
+        )
     except DatasetError as e:
-        warn(f"{e}; no confusion matrices")
+        cli.error(f"{e}; no confusion matrices")
         return None
 
 
@@ -388,7 +344,8 @@ def confusion_matrix(labels, predictions):
 
 
 def plot_run(run_dir, run, data_dir):
-    """The run's figures; returns (figures, per-class accuracies, robustness sweep)."""
+    """The run's figures; returns (figures, per-class accuracies, robustness sweep, report.md's
+    notes on what the models learned)."""
     out = run_dir / "plots"
     figures = [plot_model_curves(name, seeds, out) for name, seeds in run.items()]
     test_set = load_test_split(run_dir, data_dir)
@@ -400,18 +357,26 @@ def plot_run(run_dir, run, data_dir):
         for folder, stats in seeds:
             if (loaded := final_model(folder)) is not None:
                 model, row = loaded
-                results.append((predict(model, test_set), row))
-                usable[folder.relative_to(run_dir).as_posix()] = (name, stats["seed"], folder, model)
-                first.setdefault(name, model)  # the figures of looking inside show one seed: the first
+                results.append((predictions(model, test_set), row))
+                usable[folder.relative_to(run_dir).as_posix()] = (
+                    name,
+                    stats["seed"],
+                    folder,
+                    model,
+                )
+                # the figures of looking inside show one seed: the first
+                first.setdefault(name, model)
         if not results:
             continue
         confusions = [confusion_matrix(test_set.labels, predictions) for predictions, _ in results]
         per_class[name] = [(c.diagonal() / c.sum(1)).tolist() for c in confusions]
-        figures.append(plot_confusion(name, torch.stack(confusions).mean(0), [row for _, row in results], out))
+        figures.append(
+            plot_confusion(name, torch.stack(confusions).mean(0), [row for _, row in results], out)
+        )
         figures.append(plot_misclassified(name, test_set, *results[0], out))
     sweep = robustness.run_sweep(run_dir / "robustness.json", usable, test_set) if usable else {}
     if sweep:
-        figures.append(plot_robustness(sweep, out))
+        figures.append(save(robustness.figure(sweep), out / "robustness.png"))
     figures += plot_learned(first, test_set, out)
     notes = learned.notes(first, test_set) if first else []
     return [f for f in figures if f is not None], per_class, sweep, notes
@@ -419,7 +384,8 @@ def plot_run(run_dir, run, data_dir):
 
 def plot_learned(models, test_set, out):
     """filters.png, mlp_weights.png, activations.png (LeNet-5 beside the MLP) and
-    lenet5_reg_activations.png (learned.py), from the models given (one per name), as far as they are there."""
+    lenet5_reg_activations.png (learned.py), from the models given (one per name), as far as they
+    are there."""
     figures = []
     if learned.conv_models(models):
         figures.append(save(learned.filters_figure(models), out / "filters.png"))
@@ -446,32 +412,41 @@ def show(figures):
     plt.show()
 
 
-def main(argv=()):
-    """The command line; ``main()`` from a notebook plots runs/latest."""
-    p = argparse.ArgumentParser(
-        prog="plot.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def parse_args(argv=None):
+    p = cli.parser("plot.py", __doc__)
+    p.add_argument("runs", nargs="*", type=Path, help="run folders; without any, runs/latest")
+    p.add_argument(
+        "--data-dir", type=Path, help="folder of test.tar or test/; without it, the run's own"
     )
-    p.add_argument("runs", nargs="*", type=Path, help="run folders (default: runs/latest)")
-    p.add_argument("--data-dir", type=Path, help="folder of test.tar or test/ (default: the run's own)")
     p.add_argument("--show", action="store_true", help="also open the figures in a window")
-    args = p.parse_args(list(argv))
+    return p.parse_args(cli.arguments(argv))
+
+
+def main(argv=None):
+    """The command line; ``main()`` from a notebook plots runs/latest."""
+    args = parse_args(argv)
     found = {}
     for path in args.runs or [Path("runs") / runs.LATEST]:
         try:
             run_dir = runs.find_run(path)  # runs/latest names the run it points to
         except RunError as e:
-            warn(e)
+            cli.error(e)
             continue
         if not run_dir.is_dir():
-            warn(f"{path}: not a run folder")
+            cli.error(f"{path}: not a run folder")
         elif run := load_run(run_dir):
             found[run_dir] = run
     if not found:
         return 1
-    families, unavailable = font_families([run_dir.name for run_dir in found] if len(found) > 1 else [])
+    families, unavailable = font_families(
+        [run_dir.name for run_dir in found] if len(found) > 1 else []
+    )
     if unavailable:
-        print(f"warning: no installed font has {''.join(sorted(unavailable))!r}, so figures show '?' for it; "
-              "install a font that has it (e.g. Noto Sans CJK for Hangul)", file=sys.stderr)  # fmt: skip
+        missing = "".join(sorted(unavailable))
+        cli.warning(
+            f"no installed font has {missing!r}, so figures show '?' for it; "
+            "install a font that has it (e.g. Noto Sans CJK for Hangul)"
+        )
     with matplotlib.rc_context({"font.family": families}):
         figures = [plot_comparison(found, next(iter(found)) / "plots", unavailable)]
         for run_dir, run in found.items():
@@ -484,5 +459,5 @@ def main(argv=()):
 
 
 if __name__ == "__main__":
-    safe_console()
+    cli.safe_console()
     sys.exit(main(sys.argv[1:]))

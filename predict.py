@@ -2,20 +2,17 @@
 
     python predict.py seven.jpg                       # every model of runs/latest
     python predict.py a.png b.jpg --model lenet5 --json
-    python predict.py seven.jpg --view views          # also save the 28x28 image the models were given
+    python predict.py seven.jpg --view views          # also save the 28x28 image the models saw
     python predict.py --serve                         # a page to draw on, at http://127.0.0.1:8000
 
-MNIST's digits are white on black, fitted into a 20x20 box (aspect ratio kept,
-anti-aliased) and centred by their centre of mass in a 28x28 field. A photo of
-ink on paper is none of that, so ``to_mnist`` first makes any image look like
-them; the command line and the page share it.
+Every image is first made to look like an MNIST digit (preprocess.py); the command line and the
+page share it.
 """
 
 import argparse
 import contextlib
 import functools
 import http.server
-import io
 import json
 import re
 import socket
@@ -26,148 +23,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+import cli
 import runs
-from dataset import normalize, safe_console, to_unit
+from dataset import IMAGE_SIDE
 from model import MODELS, inside
+from preprocess import ImageInputError, open_image, to_mnist
 from runs import RunError
 
-MAX_PIXELS = 50_000_000  # a 50-megapixel phone photo; anything claiming more is refused before decoding
-MAX_DECODED = 16_000_000  # pixels decoded at most: a JPEG is decoded reduced (PIL's draft), other formats whole
-WORK_SIDE = 512  # larger images are shrunk to this before the pixel work: a digit needs no more
-BOX, FIELD = 20, 28  # MNIST: the digit's longer side, and the image around it
 MAX_BODY = 2_000_000  # bytes of one image sent to the page's endpoint
 PAGE = Path(__file__).with_name("predict.html")
 
 
-class ImageInputError(Exception):
-    """An image that cannot be read, or holds no digit; the message says which and why."""
-
-
-# --------------------------------------------------------------------------- preprocessing
-
-
-def open_image(data):
-    """Decode image bytes to a grayscale PIL image: turned upright as the camera saw it,
-    transparency composited on white (a drawing's empty canvas is white paper)."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_PIXELS:  # checked before any pixel is decoded
-                raise ImageInputError(f"{image.width}x{image.height} pixels is more than {MAX_PIXELS:,}")
-            if image.format == "JPEG":  # decoded at 1/2, 1/4 or 1/8 of its size, still at least WORK_SIDE
-                image.draft("L", (WORK_SIDE, WORK_SIDE))
-            if image.width * image.height > MAX_DECODED:
-                raise ImageInputError(
-                    f"{image.width}x{image.height} pixels is more than {MAX_DECODED:,} for a {image.format} "
-                    f"(a JPEG may have up to {MAX_PIXELS:,}); send a smaller image"
-                )
-            image = ImageOps.exif_transpose(image)
-            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-                image = image.convert("RGBA")
-                image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
-            return image.convert("L")
-    except Image.DecompressionBombError:
-        raise ImageInputError("an absurd pixel count (a decompression bomb)") from None
-    except UnidentifiedImageError:
-        raise ImageInputError("not an image (no format PIL reads)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageInputError(f"a damaged image ({e})") from None
-
-
-@functools.lru_cache(maxsize=8)
-def plane_design(h, w):
-    """The least-squares design of a plane over an h x w image: columns 1, row / h, column / w (read-only;
-    kept, as the page sends one size again and again)."""
-    design = np.ones((h * w, 3), np.float32)
-    design[:, 1] = np.repeat(np.arange(h, dtype=np.float32) / h, w)
-    design[:, 2] = np.tile(np.arange(w, dtype=np.float32) / w, h)
-    design.flags.writeable = False
-    return design
-
-
-def ink_map(gray):
-    """Bright ink on a background of exactly 0, in [0, 1], from a grayscale uint8 array.
-
-    - Polarity: a light border means dark ink on a light page, which is inverted.
-    - Uneven light (a shadow, a gradient): a plane fitted to the background pixels is subtracted.
-    - Noise: what stays within four standard deviations of the background is set to 0, and the
-      ink is stretched to full brightness. The spread is measured below the background's median,
-      where no ink is, so a digit that fills half the image does not inflate it.
-
-    Raises ImageInputError when nothing stands out from the background.
-    """
-    x = gray.astype(np.float32) / 255
-    border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
-    if np.median(border) > 0.5:
-        x = 1 - x
-    h, w = x.shape
-    design = plane_design(h, w)
-    flat = x.ravel()
-    background = flat <= np.median(flat)  # to start with: ink covers less than half the image
-    for _ in range(6):  # fit, take the pixels far above the fit for ink, fit again, until that settles
-        fit = design[background]  # least squares by the normal equations: three unknowns, so a 3x3 system
-        coef = np.linalg.solve(fit.T @ fit, fit.T @ flat[background])
-        residual = flat - design @ coef
-        level, below = np.percentile(residual[background], [50, 15.87])
-        spread = level - below  # the noise's standard deviation, from the paper's side alone: ink lies above
-        settled = background
-        background = residual < level + max(3 * spread, 0.02)
-        if np.array_equal(background, settled):
-            break
-    residual = residual.reshape(h, w) - level
-    floor = max(4 * spread, 0.02)
-    if residual.max() < floor + 0.1:
-        raise ImageInputError("no ink found: the image is empty or blank")
-    top = np.percentile(residual[residual > floor], 99)
-    return np.clip((residual - floor) / max(top - floor, 1e-6), 0, 1)
-
-
-def ink_box(ink):
-    """(top, bottom, left, right) of the ink, ignoring specks: pixels with fewer than two inked neighbours."""
-    mask = ink > 0
-    padded = np.pad(mask, 1)
-    neighbours = sum(
-        padded[1 + dy : 1 + dy + mask.shape[0], 1 + dx : 1 + dx + mask.shape[1]]
-        for dy in (-1, 0, 1)
-        for dx in (-1, 0, 1)
-        if dy or dx
-    )
-    rows, cols = np.nonzero(mask & (neighbours >= 2))
-    if len(rows) == 0:
-        raise ImageInputError("no ink found: only specks stand out from the background")
-    return rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
-
-
-def to_mnist(image):
-    """A PIL image of a digit as MNIST would have made it: (normalized tensor (1, 1, 28, 28), uint8 28x28 view).
-
-    Any size and format PIL reads, colour or grayscale, either polarity, the digit anywhere:
-    crop to the ink, fit the longer side into 20 pixels keeping the aspect ratio (anti-aliased),
-    then place it in 28x28 with its centre of mass at the centre, and normalize as in training.
-    An MNIST digit comes through nearly unchanged.
-    """
-    image = image.convert("L")  # a copy: thumbnail() below leaves the caller's image alone
-    if max(image.size) > WORK_SIDE:
-        image.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.LANCZOS)
-    ink = ink_map(np.asarray(image))
-    top, bottom, left, right = ink_box(ink)
-    crop = Image.fromarray(np.round(ink[top:bottom, left:right] * 255).astype(np.uint8))
-    scale = BOX / max(crop.size)
-    size = (max(1, int(crop.width * scale + 0.5)), max(1, int(crop.height * scale + 0.5)))
-    digit = np.asarray(crop.resize(size, Image.Resampling.LANCZOS), dtype=np.float32)
-    mass = digit.sum()
-    centre_y = (digit.sum(1) * np.arange(digit.shape[0])).sum() / mass
-    centre_x = (digit.sum(0) * np.arange(digit.shape[1])).sum() / mass
-    field = np.zeros((FIELD, FIELD), np.float32)
-    y0, x0 = round(FIELD / 2 - centre_y), round(FIELD / 2 - centre_x)  # MNIST's centre of mass is at (14, 14)
-    ys, xs = slice(max(y0, 0), min(y0 + digit.shape[0], FIELD)), slice(max(x0, 0), min(x0 + digit.shape[1], FIELD))
-    field[ys, xs] = digit[ys.start - y0 : ys.stop - y0, xs.start - x0 : xs.stop - x0]
-    view = np.clip(np.round(field), 0, 255).astype(np.uint8)
-    return normalize(to_unit(torch.from_numpy(view)[None])), view
-
-
-# --------------------------------------------------------------------------- models
+# ------------------------------------------------------------ models
 
 
 def load_models(run, names=None):
@@ -177,7 +46,9 @@ def load_models(run, names=None):
     if not run_dir.is_dir():
         raise RunError(f"{run}: no such run folder; train first: python main.py")
     if not (run_dir / "config.json").is_file():
-        raise RunError(f"{run_dir}: no config.json, so not a run of main.py; train first: python main.py")
+        raise RunError(
+            f"{run_dir}: no config.json, so not a run of main.py; train first: python main.py"
+        )
     models = {}
     for name, _, folder in runs.trained_jobs(run_dir):
         models.setdefault(name, []).append(runs.load_model(folder)[0])
@@ -194,9 +65,9 @@ def load_models(run, names=None):
 
 @torch.inference_mode()
 def classify(models, image, maps=False):
-    """{model name: ten probabilities}, averaged over a model's seeds, for one normalized image; with
-    ``maps``, also {model name: {layer: its activations, ``scaled``}} of each model's first seed, taken
-    with forward hooks (model.inside) in the same forward pass."""
+    """{model name: ten probabilities}, averaged over a model's seeds, for one normalized image;
+    with ``maps``, also {model name: {layer: its activations, ``scaled``}} of each model's first
+    seed, taken with forward hooks (model.inside) in the same forward pass."""
     probs, seen = {}, {}
     for name, seeds in models.items():
         first, layers = inside(seeds[0], image) if maps else (seeds[0](image), {})
@@ -206,22 +77,25 @@ def classify(models, image, maps=False):
 
 
 def scaled(values):
-    """Whole numbers for the page, a layer at a time: ``values`` times 255 over its largest magnitude,
-    rounded (activations after ReLU come to 0..255, signed weights to -255..255; all zeros stay 0)."""
+    """Whole numbers for the page, a layer at a time: ``values`` times 255 over its largest
+    magnitude, rounded (activations after ReLU come to 0..255, signed weights to -255..255; all
+    zeros stay 0)."""
     top = values.abs().max()
     return (values * (255 / top) if top > 0 else values).round().to(torch.int16).tolist()
 
 
 def mlp_weights(models):
-    """The first-layer weights of the MLP's first seed as 75 images of 28x28, scaled; None without an MLP."""
+    """The first-layer weights of the MLP's first seed as 75 images of 28x28, scaled; None without
+    an MLP."""
     if "mlp" not in models:
         return None
-    return scaled(models["mlp"][0].fc1.weight.detach().view(-1, FIELD, FIELD))
+    return scaled(models["mlp"][0].fc1.weight.detach().view(-1, IMAGE_SIDE, IMAGE_SIDE))
 
 
 def answer(models, data, maps=False):
-    """What the command line and the page say of one image's bytes: ({name: {digit, probs}}, view), and
-    with ``maps`` a third item, what each model's first seed computed on the way (``classify``)."""
+    """What the command line and the page say of one image's bytes: ({name: {digit, probs}}, view),
+    and with ``maps`` a third item, what each model's first seed computed on the way
+    (``classify``)."""
     image, view = to_mnist(open_image(data))
     probs, seen = classify(models, image, maps=True) if maps else (classify(models, image), None)
     results = {name: {"digit": int(np.argmax(p)), "probs": p} for name, p in probs.items()}
@@ -234,7 +108,7 @@ def describe(result):
     return f"{digit}  ({', '.join(f'{d}: {probs[d]:.1%}' for d in top)})"
 
 
-# --------------------------------------------------------------------------- the page
+# ------------------------------------------------------------ the page
 
 
 IDLE_SECONDS = 5  # a connection that sends nothing for this long is closed
@@ -243,10 +117,16 @@ DECODERS = 2  # images decoded at once; a request waits for its turn ...
 DECODE_WAIT = 10  # ... this many seconds at most, then gets 503
 
 
-def make_server(models, host="127.0.0.1", port=8000, idle=IDLE_SECONDS, deadline=REQUEST_SECONDS,
-                decode_wait=DECODE_WAIT):  # fmt: skip
-    """The page's server: one page (GET /), one endpoint (POST /predict, an image as the body) and the
-    MLP's first-layer weights for the page to draw (GET /weights); a thread per connection, each
+def make_server(
+    models,
+    host="127.0.0.1",
+    port=8000,
+    idle=IDLE_SECONDS,
+    deadline=REQUEST_SECONDS,
+    decode_wait=DECODE_WAIT,
+):
+    """The page's server: one page (GET /), one endpoint (POST /predict, an image as the body) and
+    the MLP's first-layer weights for the page to draw (GET /weights); a thread per connection, each
     connection bounded in time, DECODERS images decoded at once."""
     server = PageServer((host, port), functools.partial(Handler, models))
     server.idle, server.deadline, server.decode_wait = idle, deadline, decode_wait
@@ -256,12 +136,14 @@ def make_server(models, host="127.0.0.1", port=8000, idle=IDLE_SECONDS, deadline
 
 
 class PageServer(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer, and one thread more that cuts off requests read for too long (``reading``)."""
+    """ThreadingHTTPServer, and one thread more that cuts off requests read for too long
+    (``reading``)."""
 
     request_queue_size = 128  # connections waiting to be accepted: a class opening the page at once
 
     def __init__(self, *args, **kwargs):
-        self.reading, self.lock = {}, threading.Lock()  # {socket: when its request must have been read}
+        # {socket: when its request must have been read}
+        self.reading, self.lock = ({}, threading.Lock())
         self.closed = threading.Event()
         super().__init__(*args, **kwargs)
 
@@ -270,8 +152,9 @@ class PageServer(http.server.ThreadingHTTPServer):
         super().server_close()
 
     def watch(self, every=0.1):
-        """Shut the sockets whose request is not read by its deadline: their reads then come back empty.
-        A socket timeout alone cannot: a client trickling a byte at a time never lets a read time out."""
+        """Shut the sockets whose request is not read by its deadline: their reads then come back
+        empty. A socket timeout alone cannot: a client trickling a byte at a time never lets a read
+        time out."""
         while not self.closed.wait(every):
             with self.lock:
                 late = [s for s, deadline in self.reading.items() if deadline < time.monotonic()]
@@ -282,14 +165,16 @@ class PageServer(http.server.ThreadingHTTPServer):
                     connection.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request, client_address):
-        """A client that went away mid-answer, or too slow to finish its request, is not the server's error:
-        it ends that connection and nothing more. Anything else is a traceback, as socketserver prints it."""
+        """A client that went away mid-answer, or too slow to finish its request, is not the
+        server's error: it ends that connection and nothing more. Anything else is a traceback, as
+        socketserver prints it."""
         if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             super().handle_error(request, client_address)
 
 
 def printable(text):
-    """``text`` for the terminal: control characters (an escape sequence in a request path) as \\x.. escapes."""
+    """``text`` for the terminal: control characters (an escape sequence in a request path) as \\x..
+    escapes."""
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
@@ -299,7 +184,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         super().__init__(*args, **kwargs)
 
     def setup(self):
-        self.timeout = self.server.idle  # StreamRequestHandler puts it on the socket: every read is bounded
+        # StreamRequestHandler puts it on the socket: every read is bounded
+        self.timeout = self.server.idle
         super().setup()
 
     def handle_one_request(self):
@@ -309,9 +195,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             super().handle_one_request()
         finally:
-            self.read()
+            self.mark_read()
 
-    def read(self):
+    def mark_read(self):
         """The request is read: from here on the answer takes what time it takes."""
         with self.server.lock:
             self.server.reading.pop(self.connection, None)
@@ -322,7 +208,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def reply(self, status, body, kind="application/json"):
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         if status >= 400:
-            print(printable(f"{self.command} {self.path}: {status} {body.get('error')}"), file=sys.stderr)
+            print(
+                printable(f"{self.command} {self.path}: {status} {body.get('error')}"),
+                file=sys.stderr,
+            )
         self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
@@ -332,15 +221,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/weights":
             if (weights := mlp_weights(self.models)) is None:
-                return self.reply(404, {"error": "the run has no trained mlp, so no weights to show"})
+                return self.reply(
+                    404, {"error": "the run has no trained mlp, so no weights to show"}
+                )
             return self.reply(200, {"fc1": weights})
         if self.path not in ("/", "/index.html"):
             return self.reply(404, {"error": f"no page {self.path}; the page is /"})
         self.reply(200, PAGE.read_bytes(), "text/html; charset=utf-8")
 
     def discard(self, length):
-        """Read and drop a refused body, so that the client, still sending it, gets to read the answer
-        instead of a broken pipe; a body too large even for that is left unread."""
+        """Read and drop a refused body, so that the client, still sending it, gets to read the
+        answer instead of a broken pipe; a body too large even for that is left unread."""
         if length > 4 * MAX_BODY:
             return
         while length > 0 and (chunk := self.rfile.read(min(length, 1 << 16))):
@@ -354,14 +245,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True  # the body, if any, is left unread
             if header is None:
                 return self.reply(411, {"error": "the request needs a Content-Length"})
-            return self.reply(400, {"error": f"Content-Length {header!r} is not a whole number of bytes"})
+            return self.reply(
+                400, {"error": f"Content-Length {header!r} is not a whole number of bytes"}
+            )
         length = int(header)
         if length > MAX_BODY:
             self.discard(length)
             self.close_connection = True
-            return self.reply(413, {"error": f"the image is {length:,} bytes, more than {MAX_BODY:,}"})
+            return self.reply(
+                413, {"error": f"the image is {length:,} bytes, more than {MAX_BODY:,}"}
+            )
         body = self.rfile.read(length)
-        self.read()  # the decoding below takes what time it takes
+        self.mark_read()  # the decoding below takes what time it takes
         if len(body) < length:  # the client stopped sending, or the deadline cut it off
             self.close_connection = True
             return
@@ -376,7 +271,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.reply(200, {"models": models, "view": view.tolist(), "inside": maps})
 
 
-# --------------------------------------------------------------------------- CLI
+# ------------------------------------------------------------ CLI
 
 
 def view_names(paths):
@@ -406,7 +301,7 @@ def predict_files(models, paths, as_json=False, view_dir=None):
             if as_json:
                 print(json.dumps({"image": str(path), "error": reason}))
             else:
-                print(f"error: {path}: {reason}; nothing predicted", file=sys.stderr)
+                cli.error(f"{path}: {reason}; nothing predicted")
             continue
         saved = {}
         if view_dir is not None:
@@ -430,20 +325,30 @@ def port(text):
     return int(text)
 
 
-def main(argv=()):
-    """The command line; the exit code is 1 when any image (or the run) failed."""
-    p = argparse.ArgumentParser(
-        prog="predict.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def parse_args(argv=None):
+    p = cli.parser("predict.py", __doc__)
+    p.add_argument(
+        "images", nargs="*", type=Path, help="image files (PNG, JPEG, any format PIL reads)"
     )
-    p.add_argument("images", nargs="*", type=Path, help="image files (PNG, JPEG, any format PIL reads)")
-    p.add_argument("--run", type=Path, default=Path("runs") / runs.LATEST, help="run folder (default: runs/latest)")
-    p.add_argument("--model", help=f"comma list of {', '.join(MODELS)} (default: every model the run has)")
+    p.add_argument("--run", type=Path, default=Path("runs") / runs.LATEST, help="run folder")
+    p.add_argument(
+        "--model", help=f"comma list of {', '.join(MODELS)}; without it, every model the run has"
+    )
     p.add_argument("--json", action="store_true", help="one JSON object per line and image")
-    p.add_argument("--view", type=Path, metavar="DIR", help="write the 28x28 image the models were given to DIR")
+    p.add_argument(
+        "--view",
+        type=Path,
+        metavar="DIR",
+        help="write the 28x28 image the models were given to DIR",
+    )
     p.add_argument("--serve", action="store_true", help="serve the drawing page instead")
-    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this machine only)")
-    p.add_argument("--port", type=port, default=8000, help="port to serve on (default: 8000)")
-    args = p.parse_args(list(argv))
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to serve on; 0.0.0.0 serves the networks this machine is on",
+    )
+    p.add_argument("--port", type=port, default=8000, help="port to serve on")
+    args = p.parse_args(cli.arguments(argv))
     if not args.images and not args.serve:
         p.error("name at least one image, or --serve")
     if args.view is not None:
@@ -452,27 +357,30 @@ def main(argv=()):
         except OSError as e:
             reason = "a file, not a folder" if args.view.is_file() else e.strerror
             p.error(f"argument --view: {args.view}: {reason}")
+    return args
+
+
+def main(argv=None):
+    """The command line; the exit code is 1 when any image (or the run) failed."""
+    args = parse_args(argv)
     try:
         models = load_models(args.run, args.model and [n.strip() for n in args.model.split(",")])
     except RunError as e:
-        print(f"error: {e}", file=sys.stderr)
+        cli.error(e)
         return 1
     if not args.serve:
         return 1 if predict_files(models, args.images, args.json, args.view) else 0
     try:
         server = make_server(models, args.host, args.port)
     except OSError as e:
-        print(f"error: {args.host}:{args.port}: cannot serve there ({e.strerror})", file=sys.stderr)
+        cli.error(f"{args.host}:{args.port}: cannot serve there ({e.strerror})")
         return 1
     print(f"drawing page at http://{args.host}:{server.server_port} (Ctrl-C stops it)", flush=True)
-    with server:
-        try:
-            server.serve_forever()
-        except KeyboardInterrupt:
-            pass
+    with server, contextlib.suppress(KeyboardInterrupt):
+        server.serve_forever()
     return 0
 
 
 if __name__ == "__main__":
-    safe_console()
+    cli.safe_console()
     sys.exit(main(sys.argv[1:]))

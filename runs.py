@@ -2,7 +2,7 @@
 
     runs/<run>/config.json                         every setting of the run
     runs/<run>/<model>[/seed<k>]/stats.json        one row per completed epoch
-    runs/<run>/<model>[/seed<k>]/last.pt           the model, optimizer and schedule after the last epoch
+    runs/<run>/<model>[/seed<k>]/last.pt           the model, optimizer and schedule, last epoch
     runs/latest                                    the newest run
 
 A run folder is made only when training starts, under a name no other run has.
@@ -10,25 +10,21 @@ A run folder is made only when training starts, under a name no other run has.
 the privilege), a text file holding the run's name; ``find_run`` follows either.
 Every file is read with a check of its shape, and a damaged one is reported as a
 ``RunError``: one line naming the file and what to do.
-
-Under ``torchrun`` a run's jobs are spread over its processes (``Ranks``): rank 0
-makes the run folder, and every rank takes the next job from a counter in
-torch.distributed's store whenever it is free, so each job is trained exactly once.
 """
 
 import json
 import math
 import os
-import shlex
-import socket
-import subprocess
+import platform
+import statistics
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed
 
-from dataset import atomic_open, write_text
+import cli
+import machine
+from files import atomic_open, write_json, write_text
 from model import MODELS
 
 LATEST = "latest"
@@ -58,11 +54,7 @@ class RunError(Exception):
     """A run's file is missing or damaged; the message is one line naming it and what to do."""
 
 
-class RanksLost(Exception):
-    """The store that torchrun's ranks share has closed: the process that served it has ended."""
-
-
-# --------------------------------------------------------------------------- the folder
+# ------------------------------------------------------------ the folder
 
 
 def create_run_dir(out_dir, name=None):
@@ -98,11 +90,13 @@ def point_latest(run_dir):
         os.replace(tmp, link)
     except (OSError, NotImplementedError):
         tmp.unlink(missing_ok=True)
-        write_text(link, run_dir.name + "\n")  # its rename replaces a symlink left there, as it would a file
+        # its rename replaces a symlink left there, as it would a file
+        write_text(link, run_dir.name + "\n")
 
 
 def find_run(path):
-    """The run folder that ``path`` names: itself, or the run a ``latest`` symlink or text file points to."""
+    """The run folder that ``path`` names: itself, or the run a ``latest`` symlink or text file
+    points to."""
     path = Path(path)
     if path.is_file():
         try:
@@ -119,7 +113,8 @@ def job_dir(run_dir, model_name, seed, per_seed):
     return run_dir / model_name / f"seed{seed}" if per_seed else run_dir / model_name
 
 
-# The models from the slowest epoch to the fastest, on a CPU and on a GPU alike (docs/performance.md).
+# The models from the slowest epoch to the fastest, on a CPU and on a GPU alike
+# (docs/performance.md).
 SLOWEST_FIRST = ("lenet5_reg", "lenet5", "mlp")
 
 
@@ -134,9 +129,13 @@ def jobs(cfg, slowest_first=False):
 
 
 def trained_jobs(run_dir):
-    """(model, seed, folder) of each job that config.json lists and that has completed an epoch, in the
-    run's order; folders it does not list (a job moved aside, say) are not the run's."""
-    return [(name, seed, folder) for name, seed, folder in job_folders(run_dir) if (folder / "last.pt").is_file()]
+    """(model, seed, folder) of each job that config.json lists and that has completed an epoch, in
+    the run's order; folders it does not list (a job moved aside, say) are not the run's."""
+    return [
+        (name, seed, folder)
+        for name, seed, folder in job_folders(run_dir)
+        if (folder / "last.pt").is_file()
+    ]
 
 
 def job_folders(run_dir):
@@ -145,18 +144,7 @@ def job_folders(run_dir):
     return [(name, seed, job_dir(run_dir, name, seed, cfg["per_seed"])) for name, seed in jobs(cfg)]
 
 
-# --------------------------------------------------------------------------- files
-
-
-def write_json(path, obj):
-    """``obj`` as JSON in UTF-8; a folder name that is not text in the system's encoding is kept as JSON
-    escapes (\\udcXX), so that reading the file back gives the same path."""
-    text = json.dumps(obj, indent=2, ensure_ascii=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = json.dumps(obj, indent=2)
-    write_text(path, text + "\n")
+# ------------------------------------------------------------ files
 
 
 def save_checkpoint(path, obj):
@@ -183,7 +171,8 @@ def _is(value, kind):
 
 
 def where_data(cfg):
-    """The settings that say where a run's data are: a resume may move them, and config.json follows."""
+    """The settings that say where a run's data are: a resume may move them, and config.json
+    follows."""
     return {key: cfg[key] for key in ("data_dir", "idx_dir")}
 
 
@@ -193,19 +182,23 @@ def read_config(run_dir):
     cfg = read_json(path)
     if not isinstance(cfg, dict):
         raise RunError(f"{path}: not a config.json of main.py (not a JSON object)")
-    cfg.setdefault("val_size", 0)  # runs made before --val-size held none out
+    # a run's config.json may lack it: such a run held none out
+    cfg.setdefault("val_size", 0)
     wrong = [key for key, kind in EXPERIMENT.items() if not _is(cfg.get(key), kind)]
     if not wrong:
         wrong = [key for key in ("model", "seeds") if not cfg[key]]
         wrong += ["model"] if any(name not in MODELS for name in cfg["model"]) else []
         wrong += ["seeds"] if not all(_is(seed, int) for seed in cfg["seeds"]) else []
     if wrong:
-        raise RunError(f"{path}: not a config.json of main.py (setting {wrong[0]!r} is missing or wrong)")
+        raise RunError(
+            f"{path}: not a config.json of main.py (setting {wrong[0]!r} is missing or wrong)"
+        )
     return cfg
 
 
 def read_stats(path):
-    """A job's stats.json, checked: its fields, and one row of numbers per epoch, numbered from 1."""
+    """A job's stats.json, checked: its fields, and one row of numbers per epoch, numbered from
+    1."""
     stats = read_json(path)
     problem = None
     if not isinstance(stats, dict):
@@ -216,7 +209,9 @@ def read_stats(path):
         problem = "the field 'epochs' is missing or not a list"
     else:
         for number, row in enumerate(stats["epochs"], 1):
-            if not isinstance(row, dict) or not all(_is(row.get(key), float) for key in EPOCH_FIELDS):
+            if not isinstance(row, dict) or not all(
+                _is(row.get(key), float) for key in EPOCH_FIELDS
+            ):
                 problem = f"epoch row {number} lacks a field or has one that is not a number"
             elif row["epoch"] != number:
                 problem = f"epoch row {number} is numbered {row['epoch']}"
@@ -233,33 +228,61 @@ def load_checkpoint(path, device="cpu"):
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise RunError(f"{path}: missing") from None
-    except Exception as e:  # a truncated zip, a foreign pickle, ...: any failure means the file is unusable
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"{path}: not a readable checkpoint ({reason})") from None
+    except (
+        Exception
+    ) as e:  # a truncated zip, a foreign pickle, ...: any failure means the file is unusable
+        raise RunError(f"{path}: not a readable checkpoint ({cli.first_line(e)})") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("epoch"), int):
         raise RunError(f"{path}: not a checkpoint of main.py")
     return checkpoint
 
 
+def restore(path, checkpoint, what, **modules):
+    """Give each of ``modules`` (model=, optimizer=, scheduler=) its state from ``checkpoint``, read
+    from ``path``; RunError naming the file when one does not fit ``what`` (a model, a job)."""
+    try:
+        for key, module in modules.items():
+            module.load_state_dict(checkpoint[key])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise RunError(f"{path}: not a checkpoint of {what} ({cli.first_line(e)})") from None
+
+
 def load_model(folder):
-    """The model a job folder ended with (last.pt, the weights its results table reports), in eval mode
-    on the CPU, and that epoch's stats.json row; RunError naming the file when either is unusable."""
+    """The model a job folder ended with (last.pt, the weights its results table reports), in eval
+    mode on the CPU, and that epoch's stats.json row; RunError naming the file when either is
+    unusable."""
     folder = Path(folder)
     last, stats = saved_state(folder, "cpu")
     if last is None:
         raise RunError(f"{folder / 'last.pt'}: missing")
+    name = stats["model"]
     try:
-        model = MODELS[stats["model"]](**stats.get("kwargs", {}))
-        model.load_state_dict(last["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"{folder / 'last.pt'}: not a checkpoint of {stats['model']} ({reason})") from None
-    model = model.to(memory_format=MODELS[stats["model"]].memory_format)
-    return model.eval(), stats["epochs"][-1]
+        model = MODELS[name](**stats.get("kwargs", {}))
+    except (KeyError, TypeError) as e:
+        raise RunError(
+            f"{folder / 'stats.json'}: names no model of model.py ({cli.first_line(e)})"
+        ) from None
+    restore(folder / "last.pt", last, name, model=model)
+    return model.to(memory_format=MODELS[name].memory_format).eval(), stats["epochs"][-1]
+
+
+def save_epoch(out, stats, model, optimizer, scheduler):
+    """A job's files after an epoch: stats.json, then last.pt. last.pt is written last: it marks the
+    epoch complete (``saved_state`` trims stats.json to its epoch)."""
+    write_json(out / "stats.json", stats)
+    state = {
+        "epoch": stats["epochs"][-1]["epoch"],
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    save_checkpoint(out / "last.pt", state)
 
 
 def saved_state(out, device):
-    """(last.pt, stats) of a job folder that holds completed epochs, else (None, None); RunError if damaged.
+    """(last.pt, stats) of a job folder that holds completed epochs, else (None, None); RunError if
+    damaged.
 
     last.pt is written last in an epoch, so it says how many epochs are complete: stats.json
     rows after its epoch (a kill between the two writes) are dropped.
@@ -270,19 +293,110 @@ def saved_state(out, device):
     stats = read_stats(out / "stats.json")
     if len(stats["epochs"]) < last["epoch"]:
         raise RunError(
-            f"{out / 'stats.json'}: holds {len(stats['epochs'])} epochs, but last.pt is from epoch {last['epoch']}"
+            f"{out / 'stats.json'}: holds {len(stats['epochs'])} epochs,"
+            f" but last.pt is from epoch {last['epoch']}"
         )
     del stats["epochs"][last["epoch"] :]
     return last, stats
 
 
-# --------------------------------------------------------------------------- what a run says at the end
+def load_config(args):
+    """(run folder, or None for a new run; settings): from the command line, or config.json when
+    resuming.
+
+    The data folder is kept as an absolute path, so --resume and plot.py find it from any folder.
+    """
+    if args.resume is not None:
+        cfg = read_config(args.resume)
+        for key in ("data_dir", "idx_dir"):  # where the data are may change; what they are may not
+            if getattr(args, key) is not None:
+                cfg[key] = str(getattr(args, key).resolve())
+        cfg.update(resume=str(args.resume), quiet=args.quiet)
+        return args.resume, cfg
+    cfg = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "device"}
+    cfg["data_dir"] = str(args.data_dir.resolve())
+    cfg["idx_dir"] = args.idx_dir and str(args.idx_dir.resolve())
+    cfg["seeds"] = args.seeds or [args.seed]
+    cfg["per_seed"] = args.seeds is not None
+    return None, cfg
+
+
+def record_launch(run_dir, cfg, device, ranks):
+    """Add where and how this launch runs to ``cfg``, and return what rank 0 writes to config.json:
+    a new run's config holds the launch at the top, and a resume adds it to the run's "resumes",
+    leaving the record of how the run was made as it was."""
+    launch = {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "cpu": machine.cpu_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "world_size": ranks.world_size,
+    }
+    cfg.update(launch)
+    # before any slow step
+    processes = ranks.gather("rank", ranks.record(device, cfg["threads"]))
+    if ranks.several:
+        launch["ranks"] = cfg["ranks"] = processes
+    if run_dir is None:
+        return cfg
+    saved = {**read_json(run_dir / "config.json"), **where_data(cfg)}
+    saved["resumes"] = [*saved.get("resumes", []), launch]
+    return saved
+
+
+def open_run(args, run_dir, cfg, saved, prefix):
+    """Rank 0: make a new run's folder (only now, with the data ready), write its config.json and
+    point ``latest`` at it; (run folder, exit code: None when it could)."""
+    try:
+        if run_dir is None:
+            run_dir = create_run_dir(args.out_dir, args.run_name)
+            cfg["run_name"] = run_dir.name
+        write_json(run_dir / "config.json", saved)
+        point_latest(run_dir)
+    except OSError as e:
+        cli.error(
+            f"{e.filename or args.out_dir}: cannot write the run there ({e.strerror})", prefix
+        )
+        return run_dir, 1
+    return run_dir, None
+
+
+# ------------------------------------------------------------ what a run says at the end
+
+
+def mean_std(values, digits=2):
+    """Fractions as percent: the one value, or mean ± sample std over seeds."""
+    if len(values) == 1:
+        return f"{values[0] * 100:.{digits}f}%"
+    mean, std = statistics.fmean(values) * 100, statistics.stdev(values) * 100
+    return f"{mean:.{digits}f} ± {std:.{digits}f}%"
+
+
+def seeds_note(count):
+    return f", mean and ±1 std band over {count} seeds" if count > 1 else ""
+
+
+def epoch_line(name, seed, epochs, row):
+    """The line an epoch prints: its losses and accuracies, and how long it took."""
+    val = f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:7.2%}" if "val_acc" in row else ""
+    return (
+        f"{name:<10} seed {seed} epoch {row['epoch']:>{len(str(epochs))}}/{epochs}"
+        f" | train loss {row['train_loss']:.4f} acc {row['train_acc']:7.2%}{val}"
+        f" | test loss {row['test_loss']:.4f} acc {row['test_acc']:7.2%} | {row['seconds']:5.1f} s"
+    )
 
 
 def summary(run_dir, cfg):
-    """The table of a run's jobs: model, seed, epochs, final test (and validation) accuracy, minutes."""
+    """The table of a run's jobs: model, seed, epochs, final test (and validation) accuracy,
+    minutes."""
     val = cfg["val_size"] > 0
-    lines = [f"{'model':<10}  {'seed':>4}  {'epochs':>6}  {'test acc':>8}  " + ("val acc  " * val) + "minutes"]
+    lines = [
+        f"{'model':<10}  {'seed':>4}  {'epochs':>6}  {'test acc':>8}  "
+        + ("val acc  " * val)
+        + "minutes"
+    ]
     for name, seed in jobs(cfg):
         path = job_dir(run_dir, name, seed, cfg["per_seed"]) / "stats.json"
         try:
@@ -294,125 +408,8 @@ def summary(run_dir, cfg):
             continue
         minutes = sum(row["seconds"] for row in rows) / 60
         val_text = f"{rows[-1].get('val_acc', math.nan):>7.2%}  " if val else ""
-        lines.append(f"{name:<10}  {seed:>4}  {len(rows):>6}  {rows[-1]['test_acc']:>8.2%}  {val_text}{minutes:>7.1f}")
+        lines.append(
+            f"{name:<10}  {seed:>4}  {len(rows):>6}  {rows[-1]['test_acc']:>8.2%}"
+            f"  {val_text}{minutes:>7.1f}"
+        )
     return "\n".join(lines)
-
-
-def command(*args):
-    """A command line that this system's shell takes back as the same arguments (spaces, quotes, any script)."""
-    args = [str(a) for a in args]
-    return subprocess.list2cmdline(args) if os.name == "nt" else shlex.join(args)
-
-
-# --------------------------------------------------------------------------- the processes of a run
-
-
-class Ranks:
-    """The processes a run is spread over: just this one (``python main.py``), or torchrun's ranks.
-
-    torchrun starts every rank with RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE set, and serves
-    a key-value store that they reach through ``torch.distributed.rendezvous``. Through it rank 0
-    gives the others the run folder, and the ranks take jobs from one counter as each becomes free.
-    Waits poll the store, so Ctrl-C and SIGTERM reach a waiting rank at once.
-    """
-
-    def __init__(self, rank=0, world_size=1, local_rank=0, local_world_size=1):
-        self.rank, self.world_size = rank, world_size
-        self.local_rank, self.local_world_size = local_rank, local_world_size
-        self.store = None
-
-    @classmethod
-    def from_env(cls):
-        """The ranks torchrun describes in the environment; one process when it did not start this one."""
-        names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-        if not all(name in os.environ for name in names):
-            return cls()
-        return cls(*(int(os.environ[name]) for name in names))
-
-    @property
-    def spread(self):
-        return self.world_size > 1
-
-    @property
-    def prefix(self):
-        """What each printed line of this rank starts with: its rank, when there are several."""
-        return f"rank {self.rank} | " if self.spread else ""
-
-    def connect(self):
-        """Join the other ranks through torchrun's store (only when there are several)."""
-        if self.spread:
-            self.store, _, _ = next(torch.distributed.rendezvous("env://"))
-
-    def _call(self, method, *args):
-        """A call on the shared store; RanksLost when its server is gone (rank 0 serves it under older torch)."""
-        try:
-            return getattr(self.store, method)(*args)
-        except RuntimeError as e:  # torch.distributed.DistError, or a plain RuntimeError in older torch
-            raise RanksLost(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
-
-    def share(self, key, value):
-        """Give every rank ``value`` (a string) under ``key``."""
-        self._call("set", key, value)
-        self._call("add", f"{key} is set", 1)  # a counter can be read without waiting (torch 2.2's stores lack check)
-
-    def wait(self, key):
-        """The string another rank shared under ``key``, once it has."""
-        while not self._call("add", f"{key} is set", 0):
-            time.sleep(0.05)
-        return self._call("get", key).decode()
-
-    def gather(self, key, value):
-        """Each rank shares ``value``; rank 0 gets every rank's, in rank order (the others get None)."""
-        if not self.spread:
-            return [value]
-        self.share(f"{key}/{self.rank}", json.dumps(value))
-        if self.rank != 0:
-            return None
-        return [json.loads(self.wait(f"{key}/{r}")) for r in range(self.world_size)]
-
-    def take(self, count):
-        """The indices of the jobs this rank trains, out of ``count``: each is handed to the first rank
-        that asks for it, so a rank that finishes early takes the next one, and no job is taken twice."""
-        if not self.spread:
-            yield from range(count)
-            return
-        while (index := self._call("add", "jobs taken", 1) - 1) < count:
-            yield index
-
-    def finish(self, trained, failed):
-        """Mark this rank done; rank 0 waits for every rank and gets the totals of epochs trained and
-        jobs failed over all of them, the others their own."""
-        if not self.spread:
-            return trained, failed
-        self._call("add", "epochs trained", trained)
-        self._call("add", "jobs failed", failed)
-        self._call("add", "ranks finished", 1)
-        if self.rank != 0:
-            return trained, failed
-        while self._call("add", "ranks finished", 0) < self.world_size:
-            time.sleep(0.05)
-        return self._call("add", "epochs trained", 0), self._call("add", "jobs failed", 0)
-
-    def first_to_stop(self):
-        """Whether this is the first rank to stop early (Ctrl-C, or torchrun ending it because another
-        rank failed): that one prints how to continue. Where rank 0 serves the store (older torch) and
-        has ended, it was first, or it was killed and no rank can know who is first: False either way."""
-        if not self.spread:
-            return True
-        try:
-            return self._call("add", "ranks stopped", 1) == 1
-        except RanksLost:
-            return False
-
-    def record(self, device, threads):
-        """What config.json keeps of this rank: where it ran and how."""
-        return {"rank": self.rank, "host": socket.gethostname(), "device": str(device), "threads": threads}
-
-    def resume_command(self, run_dir):
-        """The command that continues the run, launched the way this one was."""
-        if not self.spread:
-            return command("python", "main.py", "--resume", run_dir)
-        if self.world_size == self.local_world_size:  # one machine
-            launch = ("torchrun", "--standalone", f"--nproc-per-node={self.local_world_size}")
-            return command(*launch, "main.py", "--resume", run_dir)
-        return "torchrun [the same launch options] " + command("main.py", "--resume", run_dir)

@@ -1,4 +1,5 @@
-"""Fixtures: tiny PNG tars and IDX files built in tmp_path, and the real MNIST tars prepared once per session."""
+"""Fixtures: tiny PNG tars and IDX files built in tmp_path, and the real MNIST tars prepared once
+per session."""
 
 import builtins
 import errno
@@ -14,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import dataset
-import main
+import dataset  # noqa: E402 (importable only once ROOT is on the path)
+import main  # noqa: E402
 
 # The four official IDX files; CI points MNIST_IDX_DIR at its copy of shared/mnist.
 SHARED_MNIST = Path(os.environ.get("MNIST_IDX_DIR", ROOT.parent / "shared" / "mnist"))
@@ -36,10 +38,17 @@ def bomb_png(side=100_000):
     """A PNG whose header claims side x side pixels."""
 
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def digit(value):
@@ -88,7 +97,9 @@ def tiny_idx_dir(root, n_train=64, n_test=32, seed=0):
 @pytest.fixture(scope="session")
 def mnist_dir(tmp_path_factory):
     """data/train.tar and data/test.tar prepared from the real IDX files, once per session."""
-    assert SHARED_MNIST.is_dir(), f"{SHARED_MNIST}: the MNIST IDX files are needed; set MNIST_IDX_DIR"
+    assert SHARED_MNIST.is_dir(), (
+        f"{SHARED_MNIST}: the MNIST IDX files are needed; set MNIST_IDX_DIR"
+    )
     out = tmp_path_factory.mktemp("data")
     dataset.prepare(out, SHARED_MNIST)
     return out
@@ -96,7 +107,8 @@ def mnist_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def one_epoch_run(mnist_dir, tmp_path_factory):
-    """A real run: one epoch of every model on the whole training set (main.py's defaults otherwise)."""
+    """A real run: one epoch of every model on the whole training set (main.py's defaults
+    otherwise)."""
     out = tmp_path_factory.mktemp("runs")
     assert run_main(mnist_dir, out, "--epochs", "1", "--device", "cpu") == 0
     return out / "run"
@@ -104,12 +116,22 @@ def one_epoch_run(mnist_dir, tmp_path_factory):
 
 def run_main(data_dir, out_dir, *extra, name="run"):
     """``python main.py`` on these folders, quietly, in run ``name``; returns the exit code."""
-    argv = ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--run-name", name, "--quiet", *extra]
+    argv = [
+        "--data-dir",
+        str(data_dir),
+        "--out-dir",
+        str(out_dir),
+        "--run-name",
+        name,
+        "--quiet",
+        *extra,
+    ]
     return main.main(argv)
 
 
 def interrupt_at(call):
-    """A main.train that raises KeyboardInterrupt (Ctrl-C) at its ``call``-th call: monkeypatch it in."""
+    """A main.train that raises KeyboardInterrupt (Ctrl-C) at its ``call``-th call: monkeypatch it
+    in."""
     real_train, calls = main.train, 0
 
     def train(*args, **kwargs):
@@ -129,13 +151,15 @@ def epochs_without_time(stats_path):
 
 
 def make_read_only(monkeypatch, folder):
-    """Make ``folder`` behave as on a read-only file system: creating, replacing or deleting anything
-    in it fails with EROFS (as root, this machine ignores permission bits, so they cannot show it)."""
+    """Make ``folder`` behave as on a read-only file system: creating, replacing or deleting
+    anything in it fails with EROFS (as root, this machine ignores permission bits, so they cannot
+    show it)."""
     folder = os.path.abspath(folder)
 
     def refuse_inside(path, exists_first=False):
         if os.path.abspath(os.fspath(path)).startswith(folder):
-            if exists_first and os.path.exists(path):  # mkdir of a folder that is there: EEXIST comes first
+            # mkdir of a folder that is there: EEXIST comes first
+            if exists_first and os.path.exists(path):
                 raise FileExistsError(errno.EEXIST, "File exists", os.fspath(path))
             raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
 
@@ -166,4 +190,15 @@ def make_read_only(monkeypatch, folder):
         monkeypatch.setattr(Path, name, guard(getattr(Path, name), target=1))
     monkeypatch.setattr(os, "mkdir", guard(os.mkdir, exists_first=True))
     monkeypatch.setattr(Path, "mkdir", guard(Path.mkdir, writes=lambda p, *a, **k: not p.is_dir()))
-    monkeypatch.setattr(Path, "open", guard(Path.open, writes=lambda p, mode="r", *a, **k: writes_mode(p, mode)))
+    monkeypatch.setattr(
+        Path, "open", guard(Path.open, writes=lambda p, mode="r", *a, **k: writes_mode(p, mode))
+    )
+
+
+def centre_of_mass(images):
+    """(x, y) of each image's centre of mass, in pixels."""
+    mass = images.sum((1, 2, 3))
+    positions = torch.arange(images.shape[-1], dtype=images.dtype)
+    x = (images.sum(2).squeeze(1) * positions).sum(1) / mass
+    y = (images.sum(3).squeeze(1) * positions).sum(1) / mass
+    return torch.stack([x, y], 1)

@@ -21,7 +21,8 @@ CUDA = torch.device("cuda")
 def test_batches_are_sliced_on_the_device(mnist_dir):
     train_set = MNIST(mnist_dir / "train.tar", limit=4010).to(CUDA)
     loader = batch_loader(train_set, 32, torch.Generator().manual_seed(0))
-    assert next(iter(loader.sampler)).device.type == "cuda"  # the order is on the GPU: no copy per batch
+    # the order is on the GPU: no copy per batch
+    assert next(iter(loader.sampler)).device.type == "cuda"
     images, labels = next(iter(loader))
     assert images.device.type == labels.device.type == "cuda" and images.shape == (32, 1, 28, 28)
 
@@ -41,7 +42,18 @@ def test_cuda_graph_trains_exactly_like_launching_each_kernel(
     mnist_dir, tmp_path, name, monkeypatch, deterministic_cudnn
 ):
     # 4,010 images: 125 batches of 32 replay the graph, the last 10 images take the step without it.
-    argv = ["--device", "cuda", "--model", name, "--train-limit", "4010", "--test-limit", "2000", "--epochs", "2"]
+    argv = [
+        "--device",
+        "cuda",
+        "--model",
+        name,
+        "--train-limit",
+        "4010",
+        "--test-limit",
+        "2000",
+        "--epochs",
+        "2",
+    ]
     captures, capture = [], main.GraphedStep
 
     def counted_capture(*args):
@@ -50,15 +62,21 @@ def test_cuda_graph_trains_exactly_like_launching_each_kernel(
 
     monkeypatch.setattr(main, "GraphedStep", counted_capture)
     assert run_main(mnist_dir, tmp_path, *argv, name="graphed") == 0
-    assert len(captures) == 2  # one capture per epoch, so each epoch's learning rate is the one replayed
+    # one capture per epoch, so each epoch's learning rate is the one replayed
+    assert len(captures) == 2
     monkeypatch.setattr(main, "train", functools.partial(main.train, cuda_graph=False))
     assert run_main(mnist_dir, tmp_path, *argv, name="eager") == 0
-    graphed, eager = (epochs_without_time(tmp_path / run / name / "stats.json") for run in ("graphed", "eager"))
+    graphed, eager = (
+        epochs_without_time(tmp_path / run / name / "stats.json") for run in ("graphed", "eager")
+    )
     assert graphed == eager  # losses and accuracies of both epochs, bit for bit
     graphed_model, eager_model = (
-        torch.load(tmp_path / run / name / "last.pt", weights_only=True)["model"] for run in ("graphed", "eager")
+        torch.load(tmp_path / run / name / "last.pt", weights_only=True)["model"]
+        for run in ("graphed", "eager")
     )
-    assert all(torch.equal(a, b) for a, b in zip(graphed_model.values(), eager_model.values(), strict=True))
+    assert all(
+        torch.equal(a, b) for a, b in zip(graphed_model.values(), eager_model.values(), strict=True)
+    )
     assert graphed[-1]["test_acc"] > 0.8  # it learned
 
 
@@ -69,12 +87,26 @@ def test_main_trains_every_model_on_cuda(mnist_dir, tmp_path):
     for name in ("lenet5", "mlp", "lenet5_reg"):
         stats = json.loads((tmp_path / "gpu" / name / "stats.json").read_text())
         assert stats["epochs"][-1]["test_acc"] > 0.8
-        last = torch.load(tmp_path / "gpu" / name / "last.pt", map_location="cpu", weights_only=True)
+        last = torch.load(
+            tmp_path / "gpu" / name / "last.pt", map_location="cpu", weights_only=True
+        )
         assert last["epoch"] == 2
 
 
-def test_bench_on_cuda_times_main_with_and_without_graphs(mnist_dir):
-    args = ["--steps", "5", "--repeats", "1", "--data-dir", str(mnist_dir), "--models", "lenet5", "--device", "cuda"]
-    result = bench.main_cli(args)
+def test_bench_on_cuda_times_main_with_and_without_graphs(mnist_dir, capsys):
+    args = [
+        "--steps",
+        "5",
+        "--repeats",
+        "1",
+        "--data-dir",
+        str(mnist_dir),
+        "--models",
+        "lenet5",
+        "--device",
+        "cuda",
+    ]
+    assert bench.main(args) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert result["device"] == "cuda" and result["gpu"]
     assert set(result["epoch_s"]["lenet5"]) == {"textbook", "plain", "main", "main_no_graph"}

@@ -1,4 +1,5 @@
-"""The README and docs/: every relative link and image points to a file, and the set-up's commands are CI's."""
+"""The README and docs/: every relative link and image points to a file, and the set-up's commands
+are CI's."""
 
 import re
 import shlex
@@ -7,13 +8,15 @@ import pytest
 from conftest import ROOT
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")  # [text](target) and ![alt](target)
+# [text](target) and ![alt](target)
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
 
 def relative_links(page):
     """The targets of the page's links and images that name a file of this repository."""
     targets = [target.split("#")[0] for target in LINK.findall(page.read_text(encoding="utf-8"))]
-    return [t for t in targets if t and not re.match(r"[a-z][a-z0-9+.-]*:", t)]  # not http:, mailto:, ...
+    # not http:, mailto:, ...
+    return [t for t in targets if t and not re.match(r"[a-z][a-z0-9+.-]*:", t)]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: page.relative_to(ROOT).as_posix())

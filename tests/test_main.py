@@ -24,16 +24,26 @@ def test_small_run_writes_config_stats_and_checkpoints(mnist_dir, tmp_path, caps
     run_dir = tmp_path / "run"
     config = json.loads((run_dir / "config.json").read_text())
     assert config["epochs"] == 2 and config["batch_size"] == 32 and config["lr"] == 0.01
-    assert config["momentum"] == 0.9 and config["torch"] == torch.__version__ and config["device"] == "cpu"
+    assert (
+        config["momentum"] == 0.9
+        and config["torch"] == torch.__version__
+        and config["device"] == "cpu"
+    )
     assert (tmp_path / "latest").resolve() == run_dir.resolve()
-    for name, params in [("lenet5", 61_706), ("mlp", num_params(CustomMLP())), ("lenet5_reg", 62_158)]:
+    for name, params in [
+        ("lenet5", 61_706),
+        ("mlp", num_params(CustomMLP())),
+        ("lenet5_reg", 62_158),
+    ]:
         stats = json.loads((run_dir / name / "stats.json").read_text())
         assert stats["model"] == name and stats["params"] == params
         assert [row["epoch"] for row in stats["epochs"]] == [1, 2]
         assert all(set(row) == STAT_KEYS for row in stats["epochs"])
         assert all(0 <= row[k] <= 1 for row in stats["epochs"] for k in ("train_acc", "test_acc"))
         first, second = stats["epochs"]
-        assert second["train_loss"] < first["train_loss"] and second["test_loss"] < first["test_loss"]
+        assert (
+            second["train_loss"] < first["train_loss"] and second["test_loss"] < first["test_loss"]
+        )
         last = torch.load(run_dir / name / "last.pt", weights_only=True)
         assert last["epoch"] == 2 and {"model", "optimizer", "scheduler", "rng"} <= set(last)
         assert not (run_dir / name / "best.pt").exists()  # no weights chosen on the test set
@@ -75,22 +85,56 @@ def test_an_interrupted_run_resumes_to_the_same_numbers(mnist_dir, tmp_path, mon
 
 
 def test_a_resume_keeps_the_runs_first_record_and_adds_its_own(mnist_dir, tmp_path):
-    limits = ("--train-limit", "200", "--test-limit", "100", "--epochs", "1", "--model", "mlp", "--device", "cpu")
+    limits = (
+        "--train-limit",
+        "200",
+        "--test-limit",
+        "100",
+        "--epochs",
+        "1",
+        "--model",
+        "mlp",
+        "--device",
+        "cpu",
+    )
     assert run_main(mnist_dir, tmp_path, *limits) == 0
     first = json.loads((tmp_path / "run/config.json").read_text())
     for threads in ("1", "2"):
         assert main.main(["--resume", str(tmp_path / "run"), "--quiet", "--threads", threads]) == 0
     config = json.loads((tmp_path / "run/config.json").read_text())
     resumes = config.pop("resumes")
-    assert config == first and "resumes" not in first and first["threads"] == torch.get_num_threads()
-    assert [(r["threads"], r["world_size"], r["device"]) for r in resumes] == [(1, 1, "cpu"), (2, 1, "cpu")]
+    assert (
+        config == first and "resumes" not in first and first["threads"] == torch.get_num_threads()
+    )
+    assert [(r["threads"], r["world_size"], r["device"]) for r in resumes] == [
+        (1, 1, "cpu"),
+        (2, 1, "cpu"),
+    ]
     assert first["when"] <= resumes[0]["when"] <= resumes[1]["when"] and "ranks" not in resumes[0]
 
 
 def test_sigterm_keeps_completed_epochs(mnist_dir, tmp_path):
-    cmd = [sys.executable, str(ROOT / "main.py"), "--data-dir", str(mnist_dir), "--out-dir", str(tmp_path),
-           "--run-name", "r", "--model", "mlp", "--train-limit", "3000", "--test-limit", "100", "--epochs", "1000"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    cmd = [
+        sys.executable,
+        str(ROOT / "main.py"),
+        "--data-dir",
+        str(mnist_dir),
+        "--out-dir",
+        str(tmp_path),
+        "--run-name",
+        "r",
+        "--model",
+        "mlp",
+        "--train-limit",
+        "3000",
+        "--test-limit",
+        "100",
+        "--epochs",
+        "1000",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+    )
     for line in proc.stdout:
         if " epoch    2/1000 " in line:
             proc.send_signal(signal.SIGTERM)
@@ -104,7 +148,10 @@ def test_sigterm_keeps_completed_epochs(mnist_dir, tmp_path):
 
 
 def test_a_final_batch_of_one_sample_trains_every_model(mnist_dir, tmp_path):
-    assert run_main(mnist_dir, tmp_path, "--train-limit", "33", "--test-limit", "10", "--epochs", "1") == 0
+    assert (
+        run_main(mnist_dir, tmp_path, "--train-limit", "33", "--test-limit", "10", "--epochs", "1")
+        == 0
+    )
 
 
 def test_several_seeds_go_to_seed_folders(mnist_dir, tmp_path):
@@ -117,7 +164,10 @@ def test_several_seeds_go_to_seed_folders(mnist_dir, tmp_path):
 def test_missing_tars_are_prepared_from_idx_dir(tmp_path):
     idx, _ = tiny_idx_dir(tmp_path / "idx", n_train=100, n_test=40)
     data = tmp_path / "data"
-    assert run_main(data, tmp_path / "runs", "--idx-dir", str(idx), "--model", "mlp", "--epochs", "1") == 0
+    assert (
+        run_main(data, tmp_path / "runs", "--idx-dir", str(idx), "--model", "mlp", "--epochs", "1")
+        == 0
+    )
     assert len(MNIST(data / "train.tar")) == 100 and len(MNIST(data / "test.tar")) == 40
 
 
@@ -125,7 +175,9 @@ def test_loss_is_the_mean_over_samples_not_over_batches(mnist_dir):
     torch.manual_seed(0)
     model = LeNet5().eval()
     test_set = MNIST(mnist_dir / "test.tar", limit=1500)  # batches of 1000 and 500
-    loss, acc = main.test(model, batch_loader(test_set, 1000), torch.device("cpu"), torch.nn.CrossEntropyLoss())
+    loss, acc = main.test(
+        model, batch_loader(test_set, 1000), torch.device("cpu"), torch.nn.CrossEntropyLoss()
+    )
     images, labels = test_set[list(range(1500))]
     with torch.no_grad():
         logits = model(images)
@@ -137,9 +189,14 @@ def test_training_loss_and_accuracy_are_over_samples_not_batches(mnist_dir):
     torch.manual_seed(0)
     model = LeNet5()
     train_set = MNIST(mnist_dir / "train.tar", limit=1500)  # batches of 1000 and 500
-    frozen = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights every batch sees are the same
+    # the weights every batch sees are the same
+    frozen = torch.optim.SGD(model.parameters(), lr=0.0)
     loss, acc = main.train(
-        model, batch_loader(train_set, 1000), torch.device("cpu"), torch.nn.CrossEntropyLoss(), frozen
+        model,
+        batch_loader(train_set, 1000),
+        torch.device("cpu"),
+        torch.nn.CrossEntropyLoss(),
+        frozen,
     )
     images, labels = train_set[list(range(1500))]
     with torch.no_grad():
@@ -160,7 +217,10 @@ def test_training_loss_and_accuracy_are_over_samples_not_batches(mnist_dir):
         (["--resume", "."], "is not a run directory"),
         (["--train-limit", "1"], "--train-limit: must be at least 2"),
         (["--batch-size", "1"], "--batch-size: must be at least 2"),
-        (["--batch-size", "abc"], "--batch-size: expected a whole number greater than 0, got 'abc'"),
+        (
+            ["--batch-size", "abc"],
+            "--batch-size: expected a whole number greater than 0, got 'abc'",
+        ),
         (["--seed", "1.5"], "--seed: expected a whole number, got '1.5'"),
         (["--lr", "fast"], "--lr: expected a number greater than 0, got 'fast'"),
         (["--device", "tpu"], "--device: expected auto, cpu, cuda, cuda:N or mps, got 'tpu'"),
@@ -199,19 +259,24 @@ def test_help_shows_a_default_only_where_there_is_one(capsys):
         main.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "(default: None)" not in text and "(default: False)" not in text
-    assert "initial SGD learning rate (default: 0.01)" in text and "training epochs per model (default: 10)" in text
+    assert (
+        "initial SGD learning rate (default: 0.01)" in text
+        and "training epochs per model (default: 10)" in text
+    )
 
 
 def test_missing_data_without_network_exits_1(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(dataset, "MIRRORS", ["http://127.0.0.1:9/"])  # refused at once, on this machine
+    # refused at once, on this machine
+    monkeypatch.setattr(dataset, "MIRRORS", ["http://127.0.0.1:9/"])
     assert run_main(tmp_path / "data", tmp_path / "runs", "--epochs", "1") == 1
     err = capsys.readouterr().err
     assert err.splitlines()[-1].startswith("error: Could not download") and "--idx-dir" in err
-    assert "http://127.0.0.1:9/train-images-idx3-ubyte.gz" in err  # the patched mirror, not the public ones
+    # the patched mirror, not the public ones
+    assert "http://127.0.0.1:9/train-images-idx3-ubyte.gz" in err
     assert list(tmp_path.iterdir()) == []  # no data/ (nor data/raw/) made for nothing, no run
 
 
-# --------------------------------------------------------------------------- real accuracy, 1 epoch
+# ------------------------------------------------------------ real accuracy, 1 epoch
 
 
 @pytest.mark.parametrize("name, floor", [("lenet5", 0.975), ("lenet5_reg", 0.975), ("mlp", 0.95)])
@@ -229,8 +294,14 @@ def test_only_the_regularized_models_training_split_is_augmented(mnist_dir, tmp_
         return real_batch_loader(dataset, batch_size, generator)
 
     monkeypatch.setattr(main, "batch_loader", recording_batch_loader)
-    assert run_main(mnist_dir, tmp_path, "--train-limit", "64", "--test-limit", "32", "--epochs", "1") == 0
-    assert loaders == [("test.tar", False), ("train.tar", False)] * 2 + [("test.tar", False), ("train.tar", True)]
+    assert (
+        run_main(mnist_dir, tmp_path, "--train-limit", "64", "--test-limit", "32", "--epochs", "1")
+        == 0
+    )
+    assert loaders == [("test.tar", False), ("train.tar", False)] * 2 + [
+        ("test.tar", False),
+        ("train.tar", True),
+    ]
 
 
 def test_an_unwritable_output_folder_is_one_line_not_a_traceback(mnist_dir, tmp_path, capsys):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import model
-from model import MODELS, CustomMLP, LeNet5, LeNet5Regularized, format_table, num_params, inside
+from model import MODELS, CustomMLP, LeNet5, LeNet5Regularized, format_table, inside, num_params
 
 LENET5_PARAMS = 61_706
 
@@ -38,7 +38,7 @@ def test_mlp_is_within_one_percent_of_lenet5():
 
 
 def test_registry_names_the_three_models():
-    assert MODELS == {"lenet5": LeNet5, "mlp": CustomMLP, "lenet5_reg": LeNet5Regularized}
+    assert {"lenet5": LeNet5, "mlp": CustomMLP, "lenet5_reg": LeNet5Regularized} == MODELS
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -103,8 +103,13 @@ def test_inside_gives_each_layers_activations_after_relu_as_the_forward_pass_com
     relu, pool = torch.relu, torch.nn.functional.max_pool2d
     lenet, reg, mlp = LeNet5().eval(), LeNet5Regularized().eval(), CustomMLP().eval()
     with torch.no_grad():
-        for bn in (reg.bn1, reg.bn2):  # BatchNorm that does something, so that maps before it would differ
-            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2)
+        # BatchNorm that does something, so that maps before it would differ
+        for bn in (reg.bn1, reg.bn2):
+            (
+                bn.running_mean.uniform_(-1, 1),
+                bn.running_var.uniform_(0.5, 2),
+                bn.weight.uniform_(0.5, 2),
+            )
         expected = {
             lenet: {"conv1": relu(lenet.conv1(x))},
             reg: {"conv1": relu(reg.bn1(reg.conv1(x)))},
@@ -117,6 +122,10 @@ def test_inside_gives_each_layers_activations_after_relu_as_the_forward_pass_com
             assert torch.allclose(logits, model(x)) and set(seen) == set(layers)
             for name, values in layers.items():
                 assert torch.allclose(seen[name], values, atol=1e-5), (type(model).__name__, name)
-            assert not any(m._forward_hooks for m in model.modules())  # the hooks are gone afterwards
+            # the hooks are gone afterwards
+            assert not any(m._forward_hooks for m in model.modules())
     assert seen["fc1"].shape == (4, 75)
-    assert [inside(lenet, x)[1][k].shape for k in ("conv1", "conv2")] == [(4, 6, 28, 28), (4, 16, 10, 10)]
+    assert [inside(lenet, x)[1][k].shape for k in ("conv1", "conv2")] == [
+        (4, 6, 28, 28),
+        (4, 16, 10, 10),
+    ]

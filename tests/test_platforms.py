@@ -1,4 +1,5 @@
-"""Windows, macOS, notebooks and other locales, simulated on Linux: what CI cannot run, it imitates."""
+"""Windows, macOS, notebooks and other locales, simulated on Linux: what CI cannot run, it
+imitates."""
 
 import errno
 import json
@@ -17,6 +18,8 @@ from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dataset
+import files
+import machine
 import main
 import plot
 import predict
@@ -25,12 +28,13 @@ import runs
 TINY = ("--train-limit", "200", "--test-limit", "100", "--device", "cpu")
 
 
-# --------------------------------------------------------------------------- Windows
+# ------------------------------------------------------------ Windows
 
 
 @pytest.fixture
 def like_windows(monkeypatch):
-    """os.chmod that takes no file descriptor (Windows before Python 3.13) and symlinks that need a privilege."""
+    """os.chmod that takes no file descriptor (Windows before Python 3.13) and symlinks that need a
+    privilege."""
     real_chmod = os.chmod
 
     def chmod(path, mode, **kwargs):
@@ -43,7 +47,8 @@ def like_windows(monkeypatch):
 
     monkeypatch.setattr(os, "chmod", chmod)
     monkeypatch.setattr(os, "symlink", symlink)
-    monkeypatch.setattr(Path, "symlink_to", symlink)  # Python 3.10's pathlib holds its own os.symlink
+    # Python 3.10's pathlib holds its own os.symlink
+    monkeypatch.setattr(Path, "symlink_to", symlink)
 
 
 def test_training_resume_and_plot_work_without_symlinks_or_chmod_on_descriptors(
@@ -69,12 +74,14 @@ def test_training_resume_and_plot_work_without_symlinks_or_chmod_on_descriptors(
     assert predict.main([str(tmp_path / "one.png"), "--run", str(latest)]) == 0
 
 
-def test_a_rename_onto_a_file_held_open_is_retried_then_reported_in_one_line(tmp_path, monkeypatch, capsys):
+def test_a_rename_onto_a_file_held_open_is_retried_then_reported_in_one_line(
+    tmp_path, monkeypatch, capsys
+):
     target = tmp_path / "stats.json"
     target.write_text("old")
     real_replace, refusals = os.replace, [2]
     waits = []
-    monkeypatch.setattr(dataset.time, "sleep", waits.append)
+    monkeypatch.setattr(files.time, "sleep", waits.append)
 
     def replace_refused_while_open(src, dst):
         if refusals[0] > 0:
@@ -83,20 +90,27 @@ def test_a_rename_onto_a_file_held_open_is_retried_then_reported_in_one_line(tmp
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace_refused_while_open)
-    dataset.write_text(target, "new")  # an antivirus let go after two tries
+    files.write_text(target, "new")  # an antivirus let go after two tries
     assert target.read_text() == "new" and len(waits) == 2
 
     refusals[0] = 100  # an editor that never lets go
     with pytest.raises(PermissionError) as error:
-        dataset.write_text(target, "newer")
-    assert str(error.value) == f"[Errno {errno.EACCES}] Access is denied (is it open in another program?): '{target}'"
-    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["stats.json"]
+        files.write_text(target, "newer")
+    assert (
+        str(error.value)
+        == f"[Errno {errno.EACCES}] Access is denied (is it open in another program?): '{target}'"
+    )
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "stats.json"
+    ]
     assert sum(waits[2:]) < 2  # retried briefly, not for ever
 
 
-def test_a_run_whose_stats_file_stays_open_stops_in_one_line(mnist_dir, tmp_path, monkeypatch, capsys):
+def test_a_run_whose_stats_file_stays_open_stops_in_one_line(
+    mnist_dir, tmp_path, monkeypatch, capsys
+):
     real_replace = os.replace
-    monkeypatch.setattr(dataset.time, "sleep", lambda s: None)
+    monkeypatch.setattr(files.time, "sleep", lambda s: None)
 
     def replace(src, dst):
         if str(dst).endswith("stats.json"):
@@ -107,36 +121,62 @@ def test_a_run_whose_stats_file_stays_open_stops_in_one_line(mnist_dir, tmp_path
     assert run_main(mnist_dir, tmp_path, *TINY, "--model", "mlp", "--epochs", "1") == 1
     err = capsys.readouterr().err
     stats = tmp_path / "run/mlp/stats.json"
-    assert err.startswith(f"error: {stats}: Access is denied (is it open in another program?); completed epochs")
+    assert err.startswith(
+        f"error: {stats}: Access is denied (is it open in another program?); completed epochs"
+    )
     assert err.count("\n") == 1
 
 
-# --------------------------------------------------------------------------- locales and consoles
+# ------------------------------------------------------------ locales and consoles
 
 
 @pytest.fixture(scope="module")
 def cp949_locale(tmp_path_factory):
-    """Korean Windows' code page as this machine's locale, compiled into a folder of the test's own."""
+    """Korean Windows' code page as this machine's locale, compiled into a folder of the test's
+    own."""
     folder = tmp_path_factory.mktemp("locales")
     subprocess.run(["localedef", "-i", "ko_KR", "-f", "CP949", folder / "ko_KR.CP949"], check=True)
-    return {"LOCPATH": str(folder), "LC_ALL": "ko_KR.CP949", "LANG": "ko_KR.CP949", "PYTHONUTF8": "0"}
+    return {
+        "LOCPATH": str(folder),
+        "LC_ALL": "ko_KR.CP949",
+        "LANG": "ko_KR.CP949",
+        "PYTHONUTF8": "0",
+    }
 
 
 def script(*argv, env=None, cwd=None):
     """Run one of the project's scripts in a fresh interpreter; the CompletedProcess."""
     env = {**os.environ, "PYTHONIOENCODING": "", **(env or {})}
-    return subprocess.run([sys.executable, *argv], env=env, cwd=cwd, capture_output=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *argv], env=env, cwd=cwd, capture_output=True, timeout=300
+    )
 
 
 def test_every_text_file_is_utf8_under_a_cp949_locale(mnist_dir, tmp_path, cp949_locale):
     probe = script("-c", "import locale; print(locale.getpreferredencoding())", env=cp949_locale)
     assert probe.stdout.decode().strip().lower() == "cp949"  # the simulation holds
-    out = os.fsencode(tmp_path) + "/런".encode("utf-8")  # a folder a UTF-8 program made: not text in CP949
-    args = [b"--data-dir", mnist_dir, b"--out-dir", out, b"--run-name", b"seeds", *TINY, b"--model", b"mlp",
-            b"--seeds", b"0,1", b"--epochs", b"1", b"--quiet"]  # fmt: skip
+    out = os.fsencode(tmp_path) + "/런".encode()  # a folder a UTF-8 program made: not text in CP949
+    args = [
+        b"--data-dir",
+        mnist_dir,
+        b"--out-dir",
+        out,
+        b"--run-name",
+        b"seeds",
+        *TINY,
+        b"--model",
+        b"mlp",
+        b"--seeds",
+        b"0,1",
+        b"--epochs",
+        b"1",
+        b"--quiet",
+    ]
     for argv in ([ROOT / "main.py", *args], [ROOT / "plot.py", out + b"/seeds"]):
         done = script(*argv, env=cp949_locale)
-        assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr.decode("cp949", "replace")
+        assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr.decode(
+            "cp949", "replace"
+        )
     run = tmp_path / "런/seeds"  # here, where names are UTF-8, the folder reads as it was made
     report = (run / "report.md").read_bytes().decode("utf-8")
     assert "±" in report
@@ -145,14 +185,29 @@ def test_every_text_file_is_utf8_under_a_cp949_locale(mnist_dir, tmp_path, cp949
 
 
 def test_a_hangul_path_on_a_cp1252_console_and_a_name_that_is_not_utf8_work(mnist_dir, tmp_path):
-    out = os.fsencode(tmp_path / "런") + b"/caf\xe9"  # and Latin-1 bytes below, under this machine's UTF-8
-    args = [b"--data-dir", mnist_dir, b"--out-dir", out, b"--run-name", b"r\xe9", *TINY, b"--model", b"mlp",
-            b"--epochs", b"1", b"--quiet"]  # fmt: skip
+    # and Latin-1 bytes below, under this machine's UTF-8
+    out = os.fsencode(tmp_path / "런") + b"/caf\xe9"
+    args = [
+        b"--data-dir",
+        mnist_dir,
+        b"--out-dir",
+        out,
+        b"--run-name",
+        b"r\xe9",
+        *TINY,
+        b"--model",
+        b"mlp",
+        b"--epochs",
+        b"1",
+        b"--quiet",
+    ]
     console = {"PYTHONIOENCODING": "cp1252"}
     trained = script(ROOT / "main.py", *args, env=console)
     plotted = script(ROOT / "plot.py", out + b"/latest", env=console)  # it reads config.json back
     for done in (trained, plotted):
-        assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr.decode("cp1252")
+        assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr.decode(
+            "cp1252"
+        )
         assert b"\\ub7f0" in done.stdout  # the path, escaped where the console has no glyph for it
     run = Path(os.fsdecode(out)) / "latest"
     config = json.loads((run / "config.json").read_bytes().decode("utf-8"))
@@ -161,7 +216,7 @@ def test_a_hangul_path_on_a_cp1252_console_and_a_name_that_is_not_utf8_work(mnis
     assert (run / "report.md").read_bytes().startswith(b"# Report: r\xe9\n")
 
 
-# --------------------------------------------------------------------------- MPS: no float64
+# ------------------------------------------------------------ MPS: no float64
 
 
 class NoFloat64(TorchDispatchMode):
@@ -187,31 +242,44 @@ def test_an_epoch_of_every_model_uses_no_float64(mnist_dir, tmp_path):
         with pytest.raises(AssertionError, match="float64"):
             torch.ones(2, dtype=torch.float64).sum()  # and catches float64
         assert run_main(mnist_dir, tmp_path, *TINY, "--epochs", "1") == 0
-    assert all(len(json.loads(p.read_text())["epochs"]) == 1 for p in tmp_path.glob("run/*/stats.json"))
+    assert all(
+        len(json.loads(p.read_text())["epochs"]) == 1 for p in tmp_path.glob("run/*/stats.json")
+    )
 
 
 def test_an_operation_the_device_lacks_is_one_line(mnist_dir, tmp_path, monkeypatch, capsys):
     def train_on_a_device_without_max_pool(*args, **kwargs):
         raise NotImplementedError(
-            "The operator 'aten::max_pool2d_with_indices' is not currently implemented for the MPS device.\n"
+            "The operator 'aten::max_pool2d_with_indices' is not currently implemented for the MPS"
+            " device.\n"
             "As a temporary fix, you can set the environment variable PYTORCH_ENABLE_MPS_FALLBACK=1"
         )
 
     monkeypatch.setattr(main, "train", train_on_a_device_without_max_pool)
     assert run_main(mnist_dir, tmp_path, *TINY, "--model", "lenet5", "--epochs", "1") == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not currently implemented for the MPS device" in err and "--device cpu" in err
+    assert (
+        err.count("\n") == 1
+        and "not currently implemented for the MPS device" in err
+        and "--device cpu" in err
+    )
 
 
-# --------------------------------------------------------------------------- notebooks
+# ------------------------------------------------------------ notebooks
 
 
-def test_importing_and_running_the_scripts_leaves_backend_and_signal_handlers_as_they_were(mnist_dir, tmp_path):
+def test_importing_and_running_the_scripts_leaves_backend_and_signal_handlers_as_they_were(
+    mnist_dir, tmp_path
+):
     code = textwrap.dedent(f"""
         import signal, sys
         import matplotlib
         matplotlib.use("pdf")  # the notebook's own choice
-        state = lambda: (matplotlib.get_backend(), signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+        state = lambda: (
+            matplotlib.get_backend(),
+            signal.getsignal(signal.SIGTERM),
+            signal.getsignal(signal.SIGINT),
+        )
         before = state()
         sys.path.insert(0, {str(ROOT)!r})
         import dataset, model, main, plot, predict
@@ -223,21 +291,28 @@ def test_importing_and_running_the_scripts_leaves_backend_and_signal_handlers_as
         print("unchanged")
     """)
     done = script("-c", code)
-    assert done.returncode == 0 and done.stdout.decode().strip().endswith("unchanged"), done.stderr.decode()
+    assert done.returncode == 0 and done.stdout.decode().strip().endswith("unchanged"), (
+        done.stderr.decode()
+    )
 
 
 def test_main_and_plot_from_a_notebook_cell_ignore_the_kernels_arguments(tmp_path, monkeypatch):
     idx, _ = tiny_idx_dir(tmp_path / "idx", n_train=64, n_test=32)
     dataset.prepare(tmp_path / "data", idx)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/.local/share/jupyter/kernel-1.json"])
+    monkeypatch.setattr(
+        sys, "argv", ["ipykernel_launcher.py", "-f", "/root/.local/share/jupyter/kernel-1.json"]
+    )
     assert main.main() == 0  # the defaults: every model, 10 epochs, data/ and runs/
     for name in ("lenet5", "mlp", "lenet5_reg"):
-        assert len(json.loads((tmp_path / "runs/latest" / name / "stats.json").read_text())["epochs"]) == 10
+        assert (
+            len(json.loads((tmp_path / "runs/latest" / name / "stats.json").read_text())["epochs"])
+            == 10
+        )
     assert plot.main() == 0 and (runs.find_run(tmp_path / "runs/latest") / "report.md").is_file()
 
 
-# --------------------------------------------------------------------------- GPUs
+# ------------------------------------------------------------ GPUs
 
 
 @pytest.fixture
@@ -250,12 +325,14 @@ def nvidia_driver(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
 
 
-def test_a_gpu_this_torch_cannot_use_is_named_before_training_on_the_cpu(nvidia_driver, monkeypatch, capsys):
+def test_a_gpu_this_torch_cannot_use_is_named_before_training_on_the_cpu(
+    nvidia_driver, monkeypatch, capsys
+):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert main.pick_device("auto") == torch.device("cpu")
+    assert machine.pick_device("auto") == torch.device("cpu")
     monkeypatch.setattr(torch.version, "cuda", None)
-    assert main.pick_device("auto") == torch.device("cpu")
+    assert machine.pick_device("auto") == torch.device("cpu")
     old_gpu = {
         "is_available": True,
         "device_count": 1,
@@ -266,20 +343,25 @@ def test_a_gpu_this_torch_cannot_use_is_named_before_training_on_the_cpu(nvidia_
     for name, value in old_gpu.items():
         monkeypatch.setattr(torch.cuda, name, lambda *args, value=value: value)
     monkeypatch.setattr(torch.version, "cuda", "13.0")
-    assert main.pick_device("auto") == torch.device("cpu")
+    assert machine.pick_device("auto") == torch.device("cpu")
     notes = capsys.readouterr().err.splitlines()
-    assert len(notes) == 3 and all(n.startswith("note: ") and n.endswith("says what to install.") for n in notes)
+    assert len(notes) == 3 and all(
+        n.startswith("note: ") and n.endswith("says what to install.") for n in notes
+    )
     assert "cannot use it" in notes[0] and "CPU-only build" in notes[1]
     assert "NVIDIA GeForce GTX 1080 (sm_61) is older than any this torch was built for" in notes[2]
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (8, 9))  # sm_89 runs sm_80..sm_89 code
+    # sm_89 runs sm_80..sm_89 code
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (8, 9))
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_90"])
-    assert main.pick_device("auto") == torch.device("cuda") and main.pick_device("cuda:0") == torch.device("cuda:0")
+    assert machine.pick_device("auto") == torch.device("cuda") and machine.pick_device(
+        "cuda:0"
+    ) == torch.device("cuda:0")
     with pytest.raises(ValueError, match="cuda:1: this machine has 1 CUDA device"):
-        main.pick_device("cuda:1")
+        machine.pick_device("cuda:1")
 
 
 def test_without_an_nvidia_driver_auto_says_nothing(monkeypatch, capsys):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert main.pick_device("auto") == torch.device("cpu") and capsys.readouterr().err == ""
+    assert machine.pick_device("auto") == torch.device("cpu") and capsys.readouterr().err == ""

@@ -9,8 +9,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from PIL import Image
 
-import main
 import learned
+import main
 import plot
 import runs
 from dataset import MNIST
@@ -23,8 +23,21 @@ MODELS = ("lenet5", "mlp", "lenet5_reg")
 def trained_run(mnist_dir, tmp_path_factory):
     """A tiny real run of the three models, and a two-seed run of the MLP."""
     out = tmp_path_factory.mktemp("runs")
-    common = ["--data-dir", str(mnist_dir), "--out-dir", str(out), "--quiet", "--device", "cpu",
-              "--train-limit", "600", "--test-limit", "300", "--epochs", "2"]  # fmt: skip
+    common = [
+        "--data-dir",
+        str(mnist_dir),
+        "--out-dir",
+        str(out),
+        "--quiet",
+        "--device",
+        "cpu",
+        "--train-limit",
+        "600",
+        "--test-limit",
+        "300",
+        "--epochs",
+        "2",
+    ]
     assert main.main([*common, "--run-name", "tiny"]) == 0
     assert main.main([*common, "--run-name", "seeds", "--model", "mlp", "--seeds", "0,1"]) == 0
     return out
@@ -58,8 +71,9 @@ def test_every_figure_and_the_report_are_written(run_copy, capsys):
 
 
 def crowding(fig):
-    """What overlaps in a drawn figure: texts over a panel (an axes with an image or colour bar), over
-    each other, or past the figure's edge; as readable strings, none when the layout is clean."""
+    """What overlaps in a drawn figure: texts over a panel (an axes with an image or colour bar),
+    over each other, or past the figure's edge; as readable strings, none when the layout is
+    clean."""
     canvas = FigureCanvasAgg(fig)
     canvas.draw()
     renderer = canvas.get_renderer()
@@ -67,21 +81,35 @@ def crowding(fig):
     for ax in fig.axes:
         for axis in (ax.xaxis, ax.yaxis):
             low, high = sorted(axis.get_view_interval())
-            undrawn |= {id(t) for tick in axis.get_major_ticks() if not low <= tick.get_loc() <= high
-                        for t in (tick.label1, tick.label2)}  # fmt: skip
-    texts = [t for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()]
+            undrawn |= {
+                id(t)
+                for tick in axis.get_major_ticks()
+                if not low <= tick.get_loc() <= high
+                for t in (tick.label1, tick.label2)
+            }
+    texts = [
+        t for t in fig.findobj(matplotlib.text.Text) if t.get_visible() and t.get_text().strip()
+    ]
     texts = [t for t in texts if id(t) not in undrawn]
     boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in texts]
     panels = [ax.get_window_extent(renderer) for ax in fig.axes if ax.images or ax.collections]
 
     def overlap(a, b):
-        return max(0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0, min(a.y1, b.y1) - max(a.y0, b.y0)) > 1
+        return (
+            max(0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0, min(a.y1, b.y1) - max(a.y0, b.y0))
+            > 1
+        )
 
-    problems = [f"{text!r} on a panel" for text, box in boxes for panel in panels if overlap(box, panel)]
+    problems = [
+        f"{text!r} on a panel" for text, box in boxes for panel in panels if overlap(box, panel)
+    ]
     pairs = [(a, box, b, other) for i, (a, box) in enumerate(boxes) for b, other in boxes[i + 1 :]]
     problems += [f"{a!r} on {b!r}" for a, box, b, other in pairs if overlap(box, other)]
-    problems += [f"{text!r} outside" for text, box in boxes if not fig.bbox.contains(box.x0, box.y0) or
-                 not fig.bbox.contains(box.x1, box.y1)]  # fmt: skip
+    problems += [
+        f"{text!r} outside"
+        for text, box in boxes
+        if not fig.bbox.contains(box.x0, box.y0) or not fig.bbox.contains(box.x1, box.y1)
+    ]
     return problems
 
 
@@ -109,7 +137,10 @@ def test_the_inside_figures_show_the_first_seeds_final_weights(trained_run, tmp_
 
     images = recorded_saves(monkeypatch, first_image)
     assert plot.main([str(run)]) == 0
-    weights = [runs.load_model(run / f"mlp/seed{s}")[0].fc1.weight.detach().view(-1, 28, 28) for s in (0, 1)]
+    weights = [
+        runs.load_model(run / f"mlp/seed{s}")[0].fc1.weight.detach().view(-1, 28, 28)
+        for s in (0, 1)
+    ]
     shown = images["mlp_weights.png"]
     assert np.allclose(shown, learned.tiles(weights[0], 15, pad=2), equal_nan=True)
     assert not np.allclose(shown, learned.tiles(weights[1], 15, pad=2), equal_nan=True)
@@ -121,7 +152,8 @@ def test_the_template_rule_counts_units_that_hold_a_class_mean_image(trained_run
     images = test_set.images.float().flatten(1) / 255
     mlp = CustomMLP()
     with torch.no_grad():
-        for c in range(4):  # four units hold a digit's mean image minus the mean digit; one holds its negative
+        # four units hold a digit's mean image minus the mean digit; one holds its negative
+        for c in range(4):
             mlp.fc1.weight[c] = images[test_set.labels == c].mean(0) - images.mean(0)
         mlp.fc1.weight[4] = -mlp.fc1.weight[0]
         mlp.fc1.weight[5:] = torch.randn(70, 784)  # the rest: noise, no template
@@ -129,7 +161,8 @@ def test_the_template_rule_counts_units_that_hold_a_class_mean_image(trained_run
     assert count == 5 and median < 0.2
     lenet5 = runs.load_model(trained_run / "tiny/lenet5")[0]
     agreement = learned.shift_agreement({"lenet5": lenet5, "mlp": mlp}, test_set)
-    assert agreement["lenet5"][0] == "conv1" and agreement["lenet5"][1] > 0.95  # a convolution moves with the digit
+    # a convolution moves with the digit
+    assert agreement["lenet5"][0] == "conv1" and agreement["lenet5"][1] > 0.95
     assert agreement["mlp"][0] == "fc1" and agreement["mlp"][1] < agreement["lenet5"][1]
 
 
@@ -152,8 +185,13 @@ def test_report_numbers_equal_the_stats(run_copy):
 def test_several_seeds_show_mean_and_std(trained_run, tmp_path):
     run = shutil.copytree(trained_run / "seeds", tmp_path / "seeds")
     assert plot.main([str(run)]) == 0
-    finals = [json.loads((run / f"mlp/seed{s}/stats.json").read_text())["epochs"][-1]["test_acc"] for s in (0, 1)]
-    row = next(line for line in (run / "report.md").read_text().splitlines() if line.startswith("| mlp |"))
+    finals = [
+        json.loads((run / f"mlp/seed{s}/stats.json").read_text())["epochs"][-1]["test_acc"]
+        for s in (0, 1)
+    ]
+    row = next(
+        line for line in (run / "report.md").read_text().splitlines() if line.startswith("| mlp |")
+    )
     mean, std = np.mean(finals) * 100, np.std(finals, ddof=1) * 100
     assert f"{mean:.2f} ± {std:.2f}%" in row
 
@@ -180,7 +218,12 @@ def test_several_runs_overlay_in_one_comparison(trained_run, tmp_path, monkeypat
     b = shutil.copytree(trained_run / "seeds", tmp_path / "b")
     legends = recorded_saves(monkeypatch, legend_texts)
     assert plot.main([str(a), str(b)]) == 0
-    assert [text for text, _ in legends["comparison.png"]] == ["a: lenet5", "a: mlp", "a: lenet5_reg", "b: mlp"]
+    assert [text for text, _ in legends["comparison.png"]] == [
+        "a: lenet5",
+        "a: mlp",
+        "a: lenet5_reg",
+        "b: mlp",
+    ]
     assert (b / "report.md").is_file()
 
 
@@ -195,12 +238,20 @@ def test_a_run_without_stats_draws_nothing_and_exits_1(tmp_path, capsys):
     "damage, message",
     [
         (lambda p: p.write_text("{not json"), "not valid JSON"),
-        (lambda p: p.write_text(json.dumps({"model": "mlp", "params": 1})), "the field 'epochs' is missing"),
+        (
+            lambda p: p.write_text(json.dumps({"model": "mlp", "params": 1})),
+            "the field 'epochs' is missing",
+        ),
         (lambda p: p.write_text("[]"), "not a JSON object"),
         (lambda p: p.write_text("null"), "not a JSON object"),
-        (lambda p: p.write_text(json.dumps({"model": "mlp", "params": 1, "epochs": 5})), "'epochs' is missing or not"),
         (
-            lambda p: p.write_text(re.sub(r'"test_acc": ([0-9.e-]+)', r'"test_acc": "\1"', p.read_text())),
+            lambda p: p.write_text(json.dumps({"model": "mlp", "params": 1, "epochs": 5})),
+            "'epochs' is missing or not",
+        ),
+        (
+            lambda p: p.write_text(
+                re.sub(r'"test_acc": ([0-9.e-]+)', r'"test_acc": "\1"', p.read_text())
+            ),
             "epoch row 1 lacks a field or has one that is not a number",
         ),
     ],
@@ -209,16 +260,26 @@ def test_a_broken_stats_file_is_named_and_the_rest_still_read(run_copy, capsys, 
     damage(run_copy / "mlp" / "stats.json")
     assert list(plot.load_run(run_copy)) == ["lenet5", "lenet5_reg"]
     err = capsys.readouterr().err
-    assert f"error: {run_copy / 'mlp' / 'stats.json'}: " in err and message in err and err.count("\n") == 1
+    assert (
+        f"error: {run_copy / 'mlp' / 'stats.json'}: " in err
+        and message in err
+        and err.count("\n") == 1
+    )
 
 
 def test_a_broken_stats_file_is_one_line_and_the_other_models_are_drawn(run_copy, capsys):
     (run_copy / "mlp" / "stats.json").write_text("{not json")
     assert plot.main([str(run_copy)]) == 0
     err = capsys.readouterr().err
-    assert err == f"error: {run_copy / 'mlp' / 'stats.json'}: not valid JSON" + err.split("not valid JSON", 1)[1]
+    assert (
+        err
+        == f"error: {run_copy / 'mlp' / 'stats.json'}: not valid JSON"
+        + err.split("not valid JSON", 1)[1]
+    )
     assert err.count("\n") == 1
-    assert (run_copy / "plots" / "lenet5_curves.png").exists() and not (run_copy / "plots" / "mlp_curves.png").exists()
+    assert (run_copy / "plots" / "lenet5_curves.png").exists() and not (
+        run_copy / "plots" / "mlp_curves.png"
+    ).exists()
 
 
 def test_a_model_without_last_pt_still_gets_its_curves(run_copy, capsys):
@@ -232,7 +293,9 @@ def test_a_model_without_last_pt_still_gets_its_curves(run_copy, capsys):
 
 def saved_titles(monkeypatch):
     """{file name: the titles on its axes} of every figure plot.py saves."""
-    return recorded_saves(monkeypatch, lambda fig: [ax.get_title() for ax in fig.axes if ax.get_title()])
+    return recorded_saves(
+        monkeypatch, lambda fig: [ax.get_title() for ax in fig.axes if ax.get_title()]
+    )
 
 
 def test_figures_name_the_checkpoint_they_show(run_copy, trained_run, tmp_path, monkeypatch):
@@ -249,13 +312,18 @@ def test_figures_name_the_checkpoint_they_show(run_copy, trained_run, tmp_path, 
 
     seeds = shutil.copytree(trained_run / "seeds", tmp_path / "seeds")
     assert plot.main([str(seeds)]) == 0
-    finals = [json.loads((seeds / f"mlp/seed{s}/stats.json").read_text())["epochs"][-1] for s in (0, 1)]
+    finals = [
+        json.loads((seeds / f"mlp/seed{s}/stats.json").read_text())["epochs"][-1] for s in (0, 1)
+    ]
     assert titles["mlp_confusion.png"][0].endswith(
-        "last.pt of 2 seeds: epoch 2, test accuracy " + plot.mean_std([f["test_acc"] for f in finals])
+        "last.pt of 2 seeds: epoch 2, test accuracy "
+        + plot.mean_std([f["test_acc"] for f in finals])
     )
 
 
-def test_figures_show_the_final_epoch_even_when_an_earlier_one_tested_better(mnist_dir, tmp_path, monkeypatch):
+def test_figures_show_the_final_epoch_even_when_an_earlier_one_tested_better(
+    mnist_dir, tmp_path, monkeypatch
+):
     real_test, accuracies = main.test, iter([0.5, 0.9, 0.7])
 
     def test_with_these_accuracies(*args):
@@ -264,13 +332,33 @@ def test_figures_show_the_final_epoch_even_when_an_earlier_one_tested_better(mni
 
     monkeypatch.setattr(main, "test", test_with_these_accuracies)
     common = ["--train-limit", "200", "--test-limit", "100", "--device", "cpu", "--quiet"]
-    assert main.main([*common, "--data-dir", str(mnist_dir), "--out-dir", str(tmp_path), "--run-name", "r",
-                      "--model", "mlp", "--epochs", "3"]) == 0  # fmt: skip
+    assert (
+        main.main(
+            [
+                *common,
+                "--data-dir",
+                str(mnist_dir),
+                "--out-dir",
+                str(tmp_path),
+                "--run-name",
+                "r",
+                "--model",
+                "mlp",
+                "--epochs",
+                "3",
+            ]
+        )
+        == 0
+    )
     monkeypatch.setattr(main, "test", real_test)
     titles = saved_titles(monkeypatch)
     assert plot.main([str(tmp_path / "r")]) == 0
     assert titles["mlp_confusion.png"][0].endswith("last.pt: epoch 3, test accuracy 70.00%")
-    row = next(line for line in (tmp_path / "r/report.md").read_text().splitlines() if line.startswith("| mlp |"))
+    row = next(
+        line
+        for line in (tmp_path / "r/report.md").read_text().splitlines()
+        if line.startswith("| mlp |")
+    )
     assert "90.00%" not in row and "| 70.00% |" in row
 
 
@@ -285,9 +373,12 @@ def test_show_opens_each_figure_whole(run_copy, monkeypatch):
     import matplotlib.pyplot as plt
 
     shown = {}
-    monkeypatch.setattr(plt, "show", lambda: shown.update({n: plt.figure(n) for n in plt.get_figlabels()}))
+    monkeypatch.setattr(
+        plt, "show", lambda: shown.update({n: plt.figure(n) for n in plt.get_figlabels()})
+    )
     assert plot.main([str(run_copy), "--show"]) == 0
-    # comparison, robustness, per model curves, confusion and misclassified, and the four of learned.py
+    # comparison, robustness, per model curves, confusion and misclassified, and the four of
+    # learned.py
     assert len(shown) == 2 + 3 * 3 + 4
     for name, fig in shown.items():
         with Image.open(run_copy / "plots" / name) as image:
@@ -325,7 +416,8 @@ def test_report_is_utf8_and_latest_may_be_a_text_file(trained_run, tmp_path):
 def test_run_names_in_any_script_are_drawn_with_a_font_that_has_them_or_named_in_a_warning(
     trained_run, tmp_path, monkeypatch, capsys
 ):
-    a = shutil.copytree(trained_run / "tiny", tmp_path / "𝒜 run")  # STIX, shipped with matplotlib, has 𝒜
+    # STIX, shipped with matplotlib, has 𝒜
+    a = shutil.copytree(trained_run / "tiny", tmp_path / "𝒜 run")
     b = shutil.copytree(trained_run / "seeds", tmp_path / "실험")  # no Hangul font on this machine
     legends = recorded_saves(monkeypatch, legend_texts)
     assert plot.main([str(a), str(b)]) == 0
@@ -338,7 +430,8 @@ def test_run_names_in_any_script_are_drawn_with_a_font_that_has_them_or_named_in
 
 def test_a_digit_missing_from_a_short_test_set_is_a_dash_in_the_per_class_table(run_copy):
     config = json.loads((run_copy / "config.json").read_text())
-    (run_copy / "config.json").write_text(json.dumps({**config, "test_limit": 5}))  # labels 7, 2, 1, 0, 4
+    # labels 7, 2, 1, 0, 4
+    (run_copy / "config.json").write_text(json.dumps({**config, "test_limit": 5}))
     assert plot.main([str(run_copy)]) == 0
     report = (run_copy / "report.md").read_text()
     table = report[report.index("## Test accuracy per class") :].split("\n\n")[1].splitlines()
@@ -349,8 +442,10 @@ def test_a_digit_missing_from_a_short_test_set_is_a_dash_in_the_per_class_table(
 
 
 def test_only_the_jobs_config_json_lists_are_the_runs(run_copy):
-    shutil.copytree(run_copy / "mlp", run_copy / "mlp.moved")  # the advice for training a model anew
-    shutil.copytree(run_copy / "lenet5", run_copy / "lenet5/seed3")  # a folder no job of this run has
+    # the advice for training a model anew
+    shutil.copytree(run_copy / "mlp", run_copy / "mlp.moved")
+    # a folder no job of this run has
+    shutil.copytree(run_copy / "lenet5", run_copy / "lenet5/seed3")
     assert [len(seeds) for seeds in plot.load_run(run_copy).values()] == [1, 1, 1]
     assert plot.main([str(run_copy)]) == 0
     report = (run_copy / "report.md").read_text()

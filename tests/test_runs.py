@@ -1,4 +1,5 @@
-"""Runs never harm each other, resume works from anywhere, and no damaged file ends in a traceback."""
+"""Runs never harm each other, resume works from anywhere, and no damaged file ends in a
+traceback."""
 
 import errno
 import json
@@ -28,7 +29,7 @@ def tree(folder):
     }
 
 
-# --------------------------------------------------------------------------- run folders
+# ------------------------------------------------------------ run folders
 
 
 def test_an_existing_run_name_is_refused_and_nothing_is_written(mnist_dir, tmp_path, capsys):
@@ -59,23 +60,35 @@ def test_runs_started_in_the_same_second_get_folders_of_their_own(mnist_dir, tmp
     ]
     for seed in (1, 2):
         assert main.main([*args, "--seed", str(seed)]) == 0
-    seeds = {p.parent.parent.name: json.loads(p.read_text())["seed"] for p in tmp_path.glob("2*/mlp/stats.json")}
+    seeds = {
+        p.parent.parent.name: json.loads(p.read_text())["seed"]
+        for p in tmp_path.glob("2*/mlp/stats.json")
+    }
     assert seeds == {"20261129-120000": 1, "20261129-120000-2": 2}
 
 
-def test_a_run_that_fails_before_training_leaves_no_folder_and_keeps_latest(mnist_dir, tmp_path, capsys):
-    assert run_main(mnist_dir, tmp_path / "runs", *TINY, "--model", "mlp", "--epochs", "1", name="good") == 0
+def test_a_run_that_fails_before_training_leaves_no_folder_and_keeps_latest(
+    mnist_dir, tmp_path, capsys
+):
+    assert (
+        run_main(
+            mnist_dir, tmp_path / "runs", *TINY, "--model", "mlp", "--epochs", "1", name="good"
+        )
+        == 0
+    )
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "train.tar").write_text("not a tar")
     (broken / "test.tar").write_text("not a tar")
-    assert main.main(["--data-dir", str(broken), "--out-dir", str(tmp_path / "runs"), "--quiet"]) == 1
+    assert (
+        main.main(["--data-dir", str(broken), "--out-dir", str(tmp_path / "runs"), "--quiet"]) == 1
+    )
     assert "train.tar: not a tar archive" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["good", "latest"]
     assert runs.find_run(tmp_path / "runs" / "latest").name == "good"
 
 
-# --------------------------------------------------------------------------- the course's extracted folders
+# ------------------------------------------------------------ the course's extracted folders
 
 
 def extract_first(tar_path, folder, count):
@@ -85,11 +98,15 @@ def extract_first(tar_path, folder, count):
         tar.extractall(folder, members=members, filter="data")
 
 
-def test_extracted_train_and_test_folders_are_used_without_preparing_tars(mnist_dir, tmp_path, capsys):
+def test_extracted_train_and_test_folders_are_used_without_preparing_tars(
+    mnist_dir, tmp_path, capsys
+):
     data = tmp_path / "data"
     extract_first(mnist_dir / "train.tar", data, 300)  # data/train/00000_5.png, ...
     extract_first(mnist_dir / "test.tar", data, 100)
-    assert run_main(data, tmp_path / "runs", "--model", "mlp", "--epochs", "1", "--device", "cpu") == 0
+    assert (
+        run_main(data, tmp_path / "runs", "--model", "mlp", "--epochs", "1", "--device", "cpu") == 0
+    )
     assert "missing" not in capsys.readouterr().err
     assert sorted(p.name for p in data.iterdir()) == ["test", "train"]  # no tar was made
     config = json.loads((tmp_path / "runs/run/config.json").read_text())
@@ -101,14 +118,16 @@ def test_code_written_against_the_course_template_runs_unchanged(mnist_dir, tmp_
     extract_first(mnist_dir / "train.tar", tmp_path / "data", 3000)
     extract_first(mnist_dir / "test.tar", tmp_path / "data", 1000)
     torch.manual_seed(0)
-    trn_loader = DataLoader(dataset.MNIST(data_dir=tmp_path / "data/train"), batch_size=32, shuffle=True)
+    trn_loader = DataLoader(
+        dataset.MNIST(data_dir=tmp_path / "data/train"), batch_size=32, shuffle=True
+    )
     tst_loader = DataLoader(dataset.MNIST(data_dir=tmp_path / "data/test"), batch_size=32)
     device = torch.device("cpu")
     criterion = torch.nn.CrossEntropyLoss()
     for model in (LeNet5(), CustomMLP()):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         history = []
-        for epoch in range(2):
+        for _epoch in range(2):
             trn_loss, acc = main.train(model, trn_loader, device, criterion, optimizer)
             tst_loss, tst_acc = main.test(model, tst_loader, device, criterion)
             history.append((trn_loss, tst_loss))
@@ -116,7 +135,7 @@ def test_code_written_against_the_course_template_runs_unchanged(mnist_dir, tmp_
         assert trn < first_trn < math.log(10) and tst < first_tst and acc > 0.8 and tst_acc > 0.8
 
 
-# --------------------------------------------------------------------------- resume
+# ------------------------------------------------------------ resume
 
 
 def test_resume_finds_the_data_from_any_folder_and_takes_only_options_that_keep_the_experiment(
@@ -124,7 +143,18 @@ def test_resume_finds_the_data_from_any_folder_and_takes_only_options_that_keep_
 ):
     monkeypatch.chdir(tmp_path)  # the run is started with relative paths, as people type them
     data = os.path.relpath(mnist_dir)
-    common = ("--model", "mlp", "--train-limit", "300", "--test-limit", "100", "--device", "cpu", "--epochs", "2")
+    common = (
+        "--model",
+        "mlp",
+        "--train-limit",
+        "300",
+        "--test-limit",
+        "100",
+        "--device",
+        "cpu",
+        "--epochs",
+        "2",
+    )
     assert run_main(data, "runs", *common, name="whole") == 0
     real_train = main.train
     monkeypatch.setattr(main, "train", interrupt_at(2))
@@ -138,37 +168,57 @@ def test_resume_finds_the_data_from_any_folder_and_takes_only_options_that_keep_
     for refused in (["--epochs", "4"], ["--lr", "0.05"], ["--model", "lenet5"], ["--seeds", "0,1"]):
         with pytest.raises(SystemExit) as exit_:
             main.main(["--resume", str(cut), *refused])
-        assert exit_.value.code == 2 and f"argument {refused[0]}: --resume continues" in capsys.readouterr().err
+        assert (
+            exit_.value.code == 2
+            and f"argument {refused[0]}: --resume continues" in capsys.readouterr().err
+        )
     assert main.main(["--resume", str(cut), "--device", "cpu", "--quiet"]) == 0
     assert not (elsewhere / "data").exists()
-    assert epochs_without_time(cut / "mlp/stats.json") == epochs_without_time(tmp_path / "runs/whole/mlp/stats.json")
+    assert epochs_without_time(cut / "mlp/stats.json") == epochs_without_time(
+        tmp_path / "runs/whole/mlp/stats.json"
+    )
 
 
-def test_the_printed_resume_command_can_be_pasted_for_a_path_with_spaces(mnist_dir, tmp_path, monkeypatch, capsys):
+def test_the_printed_resume_command_can_be_pasted_for_a_path_with_spaces(
+    mnist_dir, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "my runs"
     monkeypatch.setattr(main, "train", interrupt_at(2))
-    assert run_main(mnist_dir, out, *TINY, "--model", "mlp", "--epochs", "3", name="it's mine") == 130
+    assert (
+        run_main(mnist_dir, out, *TINY, "--model", "mlp", "--epochs", "3", name="it's mine") == 130
+    )
     line = next(line for line in capsys.readouterr().out.splitlines() if "--resume" in line)
     argv = shlex.split(line.split("continue with: ", 1)[1])
     assert argv == ["python", "main.py", "--resume", str(out / "it's mine")]
 
 
-def test_every_run_ends_with_its_table_and_the_plot_command_even_with_nothing_left(mnist_dir, tmp_path, capsys):
-    assert run_main(mnist_dir, tmp_path, *TINY, "--model", "mlp,lenet5", "--seeds", "3,4", "--epochs", "2") == 0
+def test_every_run_ends_with_its_table_and_the_plot_command_even_with_nothing_left(
+    mnist_dir, tmp_path, capsys
+):
+    assert (
+        run_main(
+            mnist_dir, tmp_path, *TINY, "--model", "mlp,lenet5", "--seeds", "3,4", "--epochs", "2"
+        )
+        == 0
+    )
     for argv in ([], ["--resume", str(tmp_path / "run")]):
         if argv:
             assert main.main(argv) == 0
         out = capsys.readouterr().out
         table = out[out.index("model ") :].splitlines()
         assert table[0].split() == ["model", "seed", "epochs", "test", "acc", "minutes"]
-        for line, (name, seed) in zip(table[1:5], [("mlp", 3), ("lenet5", 3), ("mlp", 4), ("lenet5", 4)]):
-            rows = json.loads((tmp_path / f"run/{name}/seed{seed}/stats.json").read_text())["epochs"]
+        for line, (name, seed) in zip(
+            table[1:5], [("mlp", 3), ("lenet5", 3), ("mlp", 4), ("lenet5", 4)], strict=False
+        ):
+            rows = json.loads((tmp_path / f"run/{name}/seed{seed}/stats.json").read_text())[
+                "epochs"
+            ]
             assert line.split()[:4] == [name, str(seed), "2", f"{rows[-1]['test_acc']:.2%}"]
         assert out.rstrip().endswith(f"plot it: python plot.py {tmp_path / 'run'}")
     assert "nothing left to train" in out
 
 
-# --------------------------------------------------------------------------- damaged files
+# ------------------------------------------------------------ damaged files
 
 
 def small_run(mnist_dir, tmp_path):
@@ -179,17 +229,31 @@ def small_run(mnist_dir, tmp_path):
 @pytest.mark.parametrize(
     "file, damage, message",
     [
-        ("mlp/last.pt", lambda p: p.write_bytes(p.read_bytes()[:300]), "mlp/last.pt: not a readable checkpoint"),
+        (
+            "mlp/last.pt",
+            lambda p: p.write_bytes(p.read_bytes()[:300]),
+            "mlp/last.pt: not a readable checkpoint",
+        ),
         (
             "mlp/last.pt",
             lambda p: torch.save({"epoch": 1, "model": {}}, p),
             "mlp/last.pt: not a checkpoint of this job",
         ),
-        ("mlp/stats.json", lambda p: p.write_text(p.read_text()[:40]), "mlp/stats.json: not valid JSON"),
-        ("mlp/stats.json", lambda p: p.write_text("[]"), "mlp/stats.json: not a stats.json of main.py"),
+        (
+            "mlp/stats.json",
+            lambda p: p.write_text(p.read_text()[:40]),
+            "mlp/stats.json: not valid JSON",
+        ),
+        (
+            "mlp/stats.json",
+            lambda p: p.write_text("[]"),
+            "mlp/stats.json: not a stats.json of main.py",
+        ),
     ],
 )
-def test_a_damaged_job_file_is_one_line_and_the_other_jobs_go_on(mnist_dir, tmp_path, capsys, file, damage, message):
+def test_a_damaged_job_file_is_one_line_and_the_other_jobs_go_on(
+    mnist_dir, tmp_path, capsys, file, damage, message
+):
     run_dir = small_run(mnist_dir, tmp_path)
     capsys.readouterr()
     (run_dir / "lenet5/last.pt").unlink()  # lenet5 must be trained again: from scratch
@@ -197,7 +261,8 @@ def test_a_damaged_job_file_is_one_line_and_the_other_jobs_go_on(mnist_dir, tmp_
     assert main.main(["--resume", str(run_dir), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and f"move {run_dir / 'mlp'} away" in err
-    assert len(json.loads((run_dir / "lenet5/stats.json").read_text())["epochs"]) == 2  # lenet5 was retrained
+    # lenet5 was retrained
+    assert len(json.loads((run_dir / "lenet5/stats.json").read_text())["epochs"]) == 2
 
 
 @pytest.mark.parametrize("config", ["[]", "{", '{"epochs": "ten"}', "null"])
@@ -210,7 +275,9 @@ def test_a_config_of_the_wrong_shape_is_one_line(mnist_dir, tmp_path, capsys, co
     assert err.count("\n") == 1 and err.startswith(f"error: {run_dir / 'config.json'}: not")
 
 
-def test_a_full_disk_while_a_checkpoint_is_written_loses_nothing(mnist_dir, tmp_path, monkeypatch, capsys):
+def test_a_full_disk_while_a_checkpoint_is_written_loses_nothing(
+    mnist_dir, tmp_path, monkeypatch, capsys
+):
     # An uninterrupted run, and the same run whose disk fills up while epoch 2's last.pt is
     # written, after its stats.json row: resume must drop that row and train epoch 2 again.
     common = (
@@ -239,16 +306,23 @@ def test_a_full_disk_while_a_checkpoint_is_written_loses_nothing(mnist_dir, tmp_
     monkeypatch.undo()
     err = capsys.readouterr().err
     job = tmp_path / "full/lenet5_reg"
-    assert err.startswith(f"error: {job / 'last.pt'}: No space left on device;") and err.count("\n") == 1
+    assert (
+        err.startswith(f"error: {job / 'last.pt'}: No space left on device;")
+        and err.count("\n") == 1
+    )
     assert f"--resume {tmp_path / 'full'}" in err
-    assert torch.load(job / "last.pt", weights_only=True)["epoch"] == 1  # the complete file from before
-    assert len(json.loads((job / "stats.json").read_text())["epochs"]) == 2  # the row written before the failure
+    # the complete file from before
+    assert torch.load(job / "last.pt", weights_only=True)["epoch"] == 1
+    # the row written before the failure
+    assert len(json.loads((job / "stats.json").read_text())["epochs"]) == 2
     assert not list(job.glob(".*tmp"))
     assert main.main(["--resume", str(tmp_path / "full"), "--quiet"]) == 0
-    assert epochs_without_time(job / "stats.json") == epochs_without_time(tmp_path / "whole/lenet5_reg/stats.json")
+    assert epochs_without_time(job / "stats.json") == epochs_without_time(
+        tmp_path / "whole/lenet5_reg/stats.json"
+    )
 
 
-# --------------------------------------------------------------------------- what the suite must catch
+# ------------------------------------------------------------ what the suite must catch
 
 
 def recorded_first_batches(monkeypatch):
@@ -281,10 +355,14 @@ def test_each_epoch_shuffles_in_its_own_order_and_the_learning_rate_follows_the_
     assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_a_validation_split_that_leaves_too_little_to_train_on_is_one_line_and_no_run(mnist_dir, tmp_path, capsys):
+def test_a_validation_split_that_leaves_too_little_to_train_on_is_one_line_and_no_run(
+    mnist_dir, tmp_path, capsys
+):
     assert run_main(mnist_dir, tmp_path, *TINY, "--val-size", "199") == 1
     err = capsys.readouterr().err
-    assert err == "error: --val-size 199 leaves fewer than 2 of the 200 training images to train on\n"
+    assert (
+        err == "error: --val-size 199 leaves fewer than 2 of the 200 training images to train on\n"
+    )
     assert not (tmp_path / "run").exists() and not (tmp_path / "latest").exists()
 
 
@@ -298,13 +376,20 @@ def test_val_size_holds_out_the_last_training_images_and_reports_them_each_epoch
         return real_loader(split, batch_size, generator)
 
     monkeypatch.setattr(main, "batch_loader", recording_loader)
-    assert run_main(mnist_dir, tmp_path, *TINY, "--model", "mlp", "--epochs", "2", "--val-size", "100") == 0
+    assert (
+        run_main(mnist_dir, tmp_path, *TINY, "--model", "mlp", "--epochs", "2", "--val-size", "100")
+        == 0
+    )
     train_limit = int(TINY[TINY.index("--train-limit") + 1])
     everything = dataset.MNIST(mnist_dir / "train.tar", limit=train_limit).labels
-    _, (val, val_labels), (train, train_labels), again = trained_on  # test, validation, then each epoch's training
+    _, (val, val_labels), (train, train_labels), again = (
+        trained_on  # test, validation, then each epoch's training
+    )
     assert again[0] == train
     assert (train, val) == (train_limit - 100, 100)
-    assert torch.equal(train_labels, everything[:-100]) and torch.equal(val_labels, everything[-100:])
+    assert torch.equal(train_labels, everything[:-100]) and torch.equal(
+        val_labels, everything[-100:]
+    )
     rows = json.loads((tmp_path / "run/mlp/stats.json").read_text())["epochs"]
     assert all(0 <= row["val_acc"] <= 1 and row["val_loss"] > 0 for row in rows)
     out = capsys.readouterr().out
@@ -312,14 +397,3 @@ def test_val_size_holds_out_the_last_training_images_and_reports_them_each_epoch
     table = out[out.index("model ") :].splitlines()
     assert table[0].split() == ["model", "seed", "epochs", "test", "acc", "val", "acc", "minutes"]
     assert table[1].split()[3:5] == [f"{rows[-1]['test_acc']:.2%}", f"{rows[-1]['val_acc']:.2%}"]
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def test_a_write_reaches_the_disk_before_it_replaces_the_old_file(tmp_path, monkeypatch):
-    calls, real_fsync, real_replace = [], dataset.os.fsync, dataset.os.replace
-    monkeypatch.setattr(dataset.os, "fsync", lambda fd: calls.append("fsync") or real_fsync(fd))
-    monkeypatch.setattr(dataset.os, "replace", lambda a, b: calls.append("replace") or real_replace(a, b))
-    dataset.write_text(tmp_path / "f.json", "{}")
-    assert calls[:2] == ["fsync", "replace"] and (tmp_path / "f.json").read_text() == "{}"

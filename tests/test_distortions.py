@@ -1,0 +1,104 @@
+"""distortions.py: lenet5_reg's augmentation is seeded, drawn per image and within its stated
+ranges, and the sweep's shape changes go through the same affine as training's."""
+
+import pytest
+import torch
+from conftest import centre_of_mass
+
+import dataset
+import distortions
+from robustness import FAMILIES, corrupted
+
+
+@pytest.fixture(scope="module")
+def digits(mnist_dir):
+    """The first 256 test digits in [0, 1]."""
+    return dataset.to_unit(dataset.MNIST(mnist_dir / "test.tar", limit=256).images)
+
+
+def test_the_training_augmentation_is_seeded_and_batched_with_a_draw_per_image(digits):
+    batch = digits
+    torch.manual_seed(0)
+    first = distortions.distort(batch)
+    torch.manual_seed(0)
+    assert torch.equal(distortions.distort(batch), first)  # the same seed, the same distortions
+    changed = [
+        tuple(image.flatten().tolist())
+        for image, plain in zip(first, batch, strict=False)
+        if not torch.equal(image, plain)
+    ]
+    # each image its own draw
+    assert len(changed) > 0.75 * len(batch) and len(set(changed)) == len(changed)
+    torch.manual_seed(1)
+    assert not torch.equal(distortions.distort(batch), first)
+
+
+def test_the_augmentations_shift_covers_its_stated_range_and_no_more(digits, monkeypatch):
+    batch = digits
+    monkeypatch.setattr(distortions, "ROTATION", 0.0)
+    monkeypatch.setattr(distortions, "SHEAR", 0.0)
+    monkeypatch.setattr(distortions, "ZOOM", (1.0, 1.0))
+    torch.manual_seed(0)
+    moves = []
+    for _ in range(8):
+        moved = distortions.random_geometry(batch)
+        # no ink pushed out of the image
+        whole = moved.sum((1, 2, 3)) > 0.999 * batch.sum((1, 2, 3))
+        moves.append((centre_of_mass(moved) - centre_of_mass(batch))[whole])
+    moves = torch.cat(moves)
+    # each axis, in pixels
+    assert len(moves) > len(batch) and moves.abs().max() <= distortions.SHIFT + 0.02
+    assert (moves > distortions.SHIFT - 0.2).any(0).all() and (moves < 0.2 - distortions.SHIFT).any(
+        0
+    ).all()
+
+
+def test_the_augmentations_draws_cover_their_stated_ranges(digits, monkeypatch):
+    drawn, real_affine = {}, distortions.affine
+
+    def record(batch, angle, scale, shift, shear):
+        drawn.update(angle=angle.rad2deg(), scale=scale, shift=shift, shear=shear.rad2deg())
+        return real_affine(batch, angle, scale, shift, shear)
+
+    monkeypatch.setattr(distortions, "affine", record)
+    torch.manual_seed(0)
+    distortions.random_geometry(torch.zeros(4000, 1, 28, 28))
+    ranges = {
+        "angle": (-distortions.ROTATION, distortions.ROTATION),
+        "scale": distortions.ZOOM,
+        "shift": (-distortions.SHIFT, distortions.SHIFT),
+        "shear": (-distortions.SHEAR, distortions.SHEAR),
+    }
+    for name, (low, high) in ranges.items():
+        values, width = drawn[name], high - low
+        assert width > 0, name  # each change is drawn, none fixed at one value
+        assert values.min() >= low - 1e-6 and values.max() <= high + 1e-6, name
+        assert values.min() < low + 0.02 * width and values.max() > high - 0.02 * width, name
+
+
+def test_whole_pixel_moves_and_quarter_turns_are_exact(digits):
+    right = torch.zeros_like(digits)
+    right[..., 2:] = digits[..., :-2]
+    assert torch.allclose(distortions.shift(digits, (2, 0)), right, atol=1e-5)
+    turned = distortions.rotate(digits, 90)
+    assert any(torch.allclose(turned, digits.rot90(k, (-2, -1)), atol=1e-5) for k in (1, -1))
+    assert torch.allclose(distortions.zoom(digits, 1.0), digits, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["shift", "rotation", "zoom in", "zoom out", "shear"])
+def test_the_sweeps_changes_of_shape_go_through_the_one_affine(digits, family, monkeypatch):
+    calls, real_affine = [], distortions.affine
+    monkeypatch.setattr(
+        distortions, "affine", lambda *args: calls.append(family) or real_affine(*args)
+    )
+    corrupted(digits, family, len(FAMILIES[family][1]) - 1)
+    assert calls == [family]
+
+
+def test_the_training_grey_is_a_loss_of_contrast_on_a_lifted_background(digits):
+    u, v = torch.rand(2, len(digits), 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    grey = distortions.grey(digits, u, v)
+    factor, level = 0.05**v, 0.7 * u
+    assert torch.allclose(grey, level + (1 - level) * factor * digits, atol=1e-6)
+    background = digits == 0
+    assert torch.allclose(grey[background], level.expand_as(digits)[background])
