@@ -1,5 +1,6 @@
-"""What every script shares at its edges: its --help, its argument types, and the console it
-writes to, where a problem is one line, never a traceback.
+"""What every script shares at its edges: its --help and argument types, the console it writes to
+(a problem is one line, never a traceback), the command lines it prints, and SIGTERM taken as
+Ctrl-C.
 
 Each script has ``parse_args(argv=None)`` and ``main(argv=None)``, where ``None`` means no
 arguments (the defaults, as a notebook cell wants), and ends with

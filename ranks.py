@@ -24,11 +24,7 @@ class RanksLost(Exception):
 
 class Ranks:
     """The processes a run is spread over: just this one (``python main.py``), or torchrun's ranks.
-
-    torchrun starts every rank with RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE set, and
-    serves a key-value store that they reach through ``torch.distributed.rendezvous``. Through it
-    rank 0 gives the others the run folder, and the ranks take jobs from one counter as each becomes
-    free. Waits poll the store, so Ctrl-C and SIGTERM reach a waiting rank at once."""
+    Waits poll the store, so Ctrl-C and SIGTERM reach a waiting rank at once."""
 
     def __init__(self, rank=0, world_size=1, local_rank=0, local_world_size=1):
         self.rank, self.world_size = rank, world_size
