@@ -178,7 +178,7 @@ def first_of_each_class(test_set):
 
 
 # pixels of one digit's row in activations.png (two 28x28 maps and a gap), and between rows
-ROW, GAP = (57, 6)
+ROW, GAP = 57, 6
 
 
 def layer_tiles(values):

@@ -117,7 +117,7 @@ class GraphedStep:
     def __init__(self, step, model, optimizer, images, labels):
         device = images.device
         # the graph reads its input from these
-        self.images, self.labels = (images.clone(), labels.clone())
+        self.images, self.labels = images.clone(), labels.clone()
         for group in optimizer.param_groups:
             for p in group["params"] if group["momentum"] else ():
                 # Zero buffers give the same first update as none (buf = momentum * 0 + grad), but

@@ -143,7 +143,7 @@ class PageServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, *args, **kwargs):
         # {socket: when its request must have been read}
-        self.reading, self.lock = ({}, threading.Lock())
+        self.reading, self.lock = {}, threading.Lock()
         self.closed = threading.Event()
         super().__init__(*args, **kwargs)
 

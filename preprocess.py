@@ -148,7 +148,7 @@ def to_mnist(image):
     centre_x = (digit.sum(0) * np.arange(digit.shape[1])).sum() / mass
     field = np.zeros((IMAGE_SIDE, IMAGE_SIDE), np.float32)
     # MNIST's centre of mass is at (14, 14)
-    y0, x0 = (round(IMAGE_SIDE / 2 - centre_y), round(IMAGE_SIDE / 2 - centre_x))
+    y0, x0 = round(IMAGE_SIDE / 2 - centre_y), round(IMAGE_SIDE / 2 - centre_x)
     ys, xs = (
         slice(max(y0, 0), min(y0 + digit.shape[0], IMAGE_SIDE)),
         slice(max(x0, 0), min(x0 + digit.shape[1], IMAGE_SIDE)),
