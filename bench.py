@@ -57,8 +57,7 @@ TEXTBOOK_TRANSFORM = transforms.Compose(
 
 
 class TextbookLeNet5(LeNet5):
-    """LeNet-5 as tutorials write it: ReLU, then pool. The same function as LeNet5 (which pools
-    first)."""
+    """LeNet-5 as tutorials write it: ReLU, then pool; LeNet5's function (it pools first)."""
 
     def forward(self, x):
         x = self.pool(self.relu(self.conv1(x)))
@@ -107,8 +106,7 @@ class NaiveTarMNIST(Dataset):
 
 
 class TextbookMNIST(Dataset):
-    """The tutorial pipeline: decoded uint8 images in memory, one PIL image and transform per
-    item."""
+    """The tutorial pipeline: uint8 images in memory, a PIL image and transform per item."""
 
     def __init__(self, images, labels):
         self.images, self.labels = images.numpy(), labels.tolist()
@@ -121,8 +119,7 @@ class TextbookMNIST(Dataset):
 
 
 def synchronize(device):
-    """Wait for the device's queued work: GPU kernels run after the Python that launched them
-    returns."""
+    """Wait for the device's queued work: GPU kernels run after their Python returns."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":

@@ -79,8 +79,7 @@ def page_times(run_dir, requests):
 
 
 def oversized():
-    """Two images a server must not decode whole: a 7,000x7,000 grey PNG and a 8,000x6,000 JPEG of a
-    digit."""
+    """Two images not to decode whole: a 7,000x7,000 PNG and an 8,000x6,000 JPEG of a digit."""
     images = []
     for size, kind in (((7000, 7000), "PNG"), ((8000, 6000), "JPEG")):
         image = Image.new("L", size, 255)

@@ -39,8 +39,7 @@ def arguments(argv):
 
 
 def number(kind, description, low=None):
-    """An argparse type: ``kind`` (int or float), greater than ``low`` when given; errors name what
-    is expected."""
+    """An argparse type: ``kind``, above ``low`` when given; errors name what is expected."""
 
     def parse(text):
         try:
@@ -120,7 +119,6 @@ def sigterm_as_ctrl_c():
 
 
 def command(*args):
-    """A command line that this system's shell takes back as the same arguments (spaces, quotes, any
-    script)."""
+    """A command line this system's shell reads back as the same arguments (spaces, quotes)."""
     args = [str(a) for a in args]
     return subprocess.list2cmdline(args) if os.name == "nt" else shlex.join(args)

@@ -109,14 +109,12 @@ def thicker(batch, width, steps=1):
 
 
 def thinner(batch, width, steps=1):
-    """Strokes thinned by ``width`` pixels on each side: grey erosion, the dilation of the
-    negative."""
+    """Strokes thinned by ``width`` pixels on each side: the dilation of the negative."""
     return -thicker(-batch, width, steps)
 
 
 def blur(batch, sigma):
-    """A Gaussian blur of standard deviation ``sigma`` pixels (one for the batch), its kernel cut
-    at 2 sigma."""
+    """A Gaussian blur of ``sigma`` pixels (one for the batch), its kernel cut at 2 sigma."""
     side = 2 * math.ceil(2 * sigma) + 1
     return TF.gaussian_blur(batch, [side, side], [sigma])
 
@@ -179,8 +177,7 @@ DISTORT_CHUNK = 1024
 
 
 def random_geometry(batch):
-    """Each image turned, zoomed, sheared and moved at random within ROTATION, ZOOM, SHEAR and
-    SHIFT."""
+    """Each image turned, zoomed, sheared and moved at random, within the ranges above."""
     n, device = batch.shape[0], batch.device
 
     def uniform(low, high, *shape):

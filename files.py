@@ -84,8 +84,7 @@ def _replace(tmp, path, waits=(0.05, 0.1, 0.2, 0.4, 0.8)):
 
 
 def _fsync_folder(folder):
-    """Flush a folder's entries (a rename) to disk where the system allows it; Windows cannot
-    open folders."""
+    """Flush a folder's entries (a rename) to disk where it can be: Windows cannot open folders."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:

@@ -26,8 +26,7 @@ from model import IMAGE_SIDE, KERNEL, LeNet5, inside
 
 
 def tiles(maps, columns, pad=1, zoom=1):
-    """(N, h, w) maps as one 2-D array, ``columns`` to a row, each enlarged ``zoom`` times, NaN
-    between."""
+    """(N, h, w) maps as one 2-D array, ``columns`` a row, each ``zoom`` times, NaN between."""
     maps = np.asarray(maps, dtype=float).repeat(zoom, 1).repeat(zoom, 2)
     n, h, w = maps.shape
     rows = math.ceil(n / columns)
@@ -44,8 +43,7 @@ def centres(count, side, pad=1):
 
 
 def diverging(ax, image, top):
-    """Signed weights on blue (negative) to red (positive), white at zero, -top..top; grey between
-    tiles."""
+    """Signed weights, blue (negative) to red (positive), white at zero; grey between tiles."""
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="0.75")
     return ax.imshow(image, cmap=cmap, vmin=-top, vmax=top)
 

@@ -58,8 +58,7 @@ def pick_device(name, local_rank=None):
 
 
 def cuda_gpu_problem():
-    """Why this torch cannot use the machine's NVIDIA GPU, or None (none installed, or all is
-    well)."""
+    """Why this torch cannot use the machine's NVIDIA GPU; None when all is well or none is in."""
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         built = torch.cuda.get_arch_list()  # e.g. ['sm_75', ..., 'sm_120', 'compute_120']

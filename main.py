@@ -116,8 +116,7 @@ def uses_augmentation(name, cfg):
 
 
 def build(name, cfg, device):
-    """The model, SGD optimizer and learning-rate schedule of one job under cfg (bench.py times
-    these too)."""
+    """The model, SGD optimizer and learning-rate schedule of a job (bench.py times these too)."""
     model = MODELS[name](**model_kwargs(name, cfg)).to(
         device, memory_format=MODELS[name].memory_format
     )
@@ -288,16 +287,14 @@ def add_run_options(p):
 
 
 def given_options(argv):
-    """The names of the options that ``argv`` sets, whatever their values (no option can be set to
-    None)."""
+    """The names of the options ``argv`` sets, whatever their values (none can be set to None)."""
     probe = build_parser()
     probe.set_defaults(**dict.fromkeys(vars(probe.parse_args([])), None))
     return {name for name, value in vars(probe.parse_args(argv)).items() if value is not None}
 
 
 def parse_args(argv=None, ranks=None):
-    """The parsed options, checked, with ``args.device`` a torch.device (that of its rank under
-    torchrun)."""
+    """The options, checked; ``args.device`` a torch.device (its rank's, under torchrun)."""
     ranks = ranks or Ranks()
     argv = cli.arguments(argv)
     p = build_parser()
@@ -380,8 +377,7 @@ def main(argv=None):
 
 
 def start_run(args, ranks):
-    """Load the data and find or make the run folder (rank 0 first; the others follow), then
-    train."""
+    """Load the data, find or make the run folder (rank 0 first, then the others), and train."""
     prefix = ranks.prefix
     try:
         run_dir, cfg = runs.load_config(args)

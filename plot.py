@@ -193,8 +193,7 @@ def plot_comparison(runs_, out, unavailable=frozenset()):
 
 
 def final_model(folder):
-    """(model, stats row of its epoch) of a job folder's final weights (last.pt); None if
-    unusable."""
+    """(model, stats row of its epoch) of a job folder's last.pt; None if it is unusable."""
     try:
         return runs.load_model(folder)
     except RunError as e:

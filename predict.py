@@ -85,8 +85,7 @@ def scaled(values):
 
 
 def mlp_weights(models):
-    """The first-layer weights of the MLP's first seed as 75 images of 28x28, scaled; None without
-    an MLP."""
+    """The MLP's first-layer weights (first seed) as 75 images of 28x28, scaled; None without."""
     if "mlp" not in models:
         return None
     return scaled(models["mlp"][0].fc1.weight.detach().view(-1, IMAGE_SIDE, IMAGE_SIDE))
@@ -173,8 +172,7 @@ class PageServer(http.server.ThreadingHTTPServer):
 
 
 def printable(text):
-    """``text`` for the terminal: control characters (an escape sequence in a request path) as \\x..
-    escapes."""
+    """``text`` for the terminal, its control characters (a request path's) as \\x.. escapes."""
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 

@@ -109,8 +109,7 @@ def ink_map(gray):
 
 
 def ink_box(ink):
-    """(top, bottom, left, right) of the ink, ignoring specks: pixels with fewer than two inked
-    neighbours."""
+    """(top, bottom, left, right) of the ink, without specks (fewer than two inked neighbours)."""
     mask = ink > 0
     padded = np.pad(mask, 1)
     neighbours = sum(

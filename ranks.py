@@ -33,8 +33,7 @@ class Ranks:
 
     @classmethod
     def from_env(cls):
-        """The ranks torchrun describes in the environment; one process when it did not start this
-        one."""
+        """The ranks torchrun describes in the environment; else this one process."""
         names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
         if not all(name in os.environ for name in names):
             return cls()
@@ -55,13 +54,11 @@ class Ranks:
             self.store, _, _ = next(torch.distributed.rendezvous("env://"))
 
     def _call(self, method, *args):
-        """A call on the shared store; RanksLost when its server is gone (rank 0 serves it under
-        older torch)."""
+        """A call on the store; RanksLost when its server is gone (rank 0, in older torch)."""
         try:
             return getattr(self.store, method)(*args)
-        except (
-            RuntimeError
-        ) as e:  # torch.distributed.DistError, or a plain RuntimeError in older torch
+        # torch.distributed.DistError, or a plain RuntimeError in older torch
+        except RuntimeError as e:
             raise RanksLost(cli.first_line(e)) from None
 
     def share(self, key, value):
@@ -77,8 +74,7 @@ class Ranks:
         return self._call("get", key).decode()
 
     def gather(self, key, value):
-        """Each rank shares ``value``; rank 0 gets every rank's, in rank order (the others get
-        None)."""
+        """Each rank shares ``value``; rank 0 gets them all, in rank order, the others None."""
         if not self.several:
             return [value]
         self.share(f"{key}/{self.rank}", json.dumps(value))

@@ -108,8 +108,7 @@ def image_means(images):
 
 
 def corrupted(images, family, level):
-    """The [0, 1] images (N, 1, 28, 28) under ``family`` at its ``level``-th strength (0:
-    unchanged)."""
+    """[0, 1] images (N, 1, 28, 28) under ``family`` at its ``level``-th strength (0: unchanged)."""
     _, strengths, change = FAMILIES[family]
     if level == 0:
         return images
@@ -162,8 +161,7 @@ def sweep(models, images, labels):
 
 
 def definition():
-    """What the sweep is, for robustness.json: results made under another definition are not
-    reused."""
+    """What the sweep is, for robustness.json: a result of another definition is not reused."""
     return {
         family: {"unit": unit, "strengths": strengths}
         for family, (unit, strengths, _) in FAMILIES.items()
@@ -171,8 +169,7 @@ def definition():
 
 
 def sweep_mean(accuracies):
-    """The mean accuracy over every family and changed strength (strength 0 left out), as in
-    ImageNet-C."""
+    """The mean accuracy over every family and changed strength, as in ImageNet-C."""
     return sum(sum(acc[1:]) for acc in accuracies.values()) / sum(
         len(acc) - 1 for acc in accuracies.values()
     )

@@ -95,8 +95,7 @@ def point_latest(run_dir):
 
 
 def find_run(path):
-    """The run folder that ``path`` names: itself, or the run a ``latest`` symlink or text file
-    points to."""
+    """The run folder ``path`` names: itself, or the run a ``latest`` link or text file names."""
     path = Path(path)
     if path.is_file():
         try:
@@ -171,8 +170,7 @@ def _is(value, kind):
 
 
 def where_data(cfg):
-    """The settings that say where a run's data are: a resume may move them, and config.json
-    follows."""
+    """The settings of where a run's data are: a resume may move them; config.json follows."""
     return {key: cfg[key] for key in ("data_dir", "idx_dir")}
 
 
@@ -197,8 +195,7 @@ def read_config(run_dir):
 
 
 def read_stats(path):
-    """A job's stats.json, checked: its fields, and one row of numbers per epoch, numbered from
-    1."""
+    """A job's stats.json, checked: its fields, and one row of numbers per epoch, from 1."""
     stats = read_json(path)
     problem = None
     if not isinstance(stats, dict):
@@ -228,9 +225,8 @@ def load_checkpoint(path, device="cpu"):
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise RunError(f"{path}: missing") from None
-    except (
-        Exception
-    ) as e:  # a truncated zip, a foreign pickle, ...: any failure means the file is unusable
+    # a truncated zip, a foreign pickle, ...: any failure means the file is unusable
+    except Exception as e:
         raise RunError(f"{path}: not a readable checkpoint ({cli.first_line(e)})") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("epoch"), int):
         raise RunError(f"{path}: not a checkpoint of main.py")
@@ -389,8 +385,7 @@ def epoch_line(name, seed, epochs, row):
 
 
 def summary(run_dir, cfg):
-    """The table of a run's jobs: model, seed, epochs, final test (and validation) accuracy,
-    minutes."""
+    """The table of a run's jobs: model, seed, epochs, test (and validation) accuracy, minutes."""
     val = cfg["val_size"] > 0
     lines = [
         f"{'model':<10}  {'seed':>4}  {'epochs':>6}  {'test acc':>8}  "

@@ -422,9 +422,8 @@ def test_a_read_only_data_folder_without_tars_says_so(tmp_path, capsys, monkeypa
 def test_a_failed_download_leaves_no_folder_behind_and_blames_the_network_only_when_it_failed(
     tmp_path, mirror
 ):
-    with pytest.raises(
-        DatasetError
-    ) as error:  # the shared training images are a rebuild: wrong MD5
+    # the shared training images are a rebuild: wrong MD5
+    with pytest.raises(DatasetError) as error:
         dataset.prepare(tmp_path / "new" / "data", mirrors=[mirror])
     # neither data/raw/ with the files that did download, nor data/
     assert list(tmp_path.iterdir()) == []

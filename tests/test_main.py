@@ -114,24 +114,9 @@ def test_a_resume_keeps_the_runs_first_record_and_adds_its_own(mnist_dir, tmp_pa
 
 
 def test_sigterm_keeps_completed_epochs(mnist_dir, tmp_path):
-    cmd = [
-        sys.executable,
-        str(ROOT / "main.py"),
-        "--data-dir",
-        str(mnist_dir),
-        "--out-dir",
-        str(tmp_path),
-        "--run-name",
-        "r",
-        "--model",
-        "mlp",
-        "--train-limit",
-        "3000",
-        "--test-limit",
-        "100",
-        "--epochs",
-        "1000",
-    ]
+    folders = ["--data-dir", str(mnist_dir), "--out-dir", str(tmp_path)]
+    settings = "--run-name r --model mlp --train-limit 3000 --test-limit 100 --epochs 1000".split()
+    cmd = [sys.executable, str(ROOT / "main.py"), *folders, *settings]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
     )

@@ -146,9 +146,8 @@ def test_a_stopped_run_loses_no_epoch_and_resume_trains_exactly_what_is_left(
 ):
     process = torchrun(mnist_dir, tmp_path)
     seen = []
-    for (
-        line
-    ) in process.stdout:  # stop when rank 1 has completed an epoch of a LeNet-5 job (~0.5 s each)
+    # stop when rank 1 has completed an epoch of a LeNet-5 job (~0.5 s each)
+    for line in process.stdout:
         seen.append(line)
         if line.startswith("rank 1 | lenet5"):
             if stop == "SIGKILL to rank 1":

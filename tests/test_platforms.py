@@ -156,22 +156,8 @@ def test_every_text_file_is_utf8_under_a_cp949_locale(mnist_dir, tmp_path, cp949
     probe = script("-c", "import locale; print(locale.getpreferredencoding())", env=cp949_locale)
     assert probe.stdout.decode().strip().lower() == "cp949"  # the simulation holds
     out = os.fsencode(tmp_path) + "/런".encode()  # a folder a UTF-8 program made: not text in CP949
-    args = [
-        b"--data-dir",
-        mnist_dir,
-        b"--out-dir",
-        out,
-        b"--run-name",
-        b"seeds",
-        *TINY,
-        b"--model",
-        b"mlp",
-        b"--seeds",
-        b"0,1",
-        b"--epochs",
-        b"1",
-        b"--quiet",
-    ]
+    args = [b"--data-dir", mnist_dir, b"--out-dir", out, b"--run-name", b"seeds", *TINY]
+    args += b"--model mlp --seeds 0,1 --epochs 1 --quiet".split()
     for argv in ([ROOT / "main.py", *args], [ROOT / "plot.py", out + b"/seeds"]):
         done = script(*argv, env=cp949_locale)
         assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr.decode(
@@ -187,20 +173,8 @@ def test_every_text_file_is_utf8_under_a_cp949_locale(mnist_dir, tmp_path, cp949
 def test_a_hangul_path_on_a_cp1252_console_and_a_name_that_is_not_utf8_work(mnist_dir, tmp_path):
     # and Latin-1 bytes below, under this machine's UTF-8
     out = os.fsencode(tmp_path / "런") + b"/caf\xe9"
-    args = [
-        b"--data-dir",
-        mnist_dir,
-        b"--out-dir",
-        out,
-        b"--run-name",
-        b"r\xe9",
-        *TINY,
-        b"--model",
-        b"mlp",
-        b"--epochs",
-        b"1",
-        b"--quiet",
-    ]
+    args = [b"--data-dir", mnist_dir, b"--out-dir", out, b"--run-name", b"r\xe9", *TINY]
+    args += b"--model mlp --epochs 1 --quiet".split()
     console = {"PYTHONIOENCODING": "cp1252"}
     trained = script(ROOT / "main.py", *args, env=console)
     plotted = script(ROOT / "plot.py", out + b"/latest", env=console)  # it reads config.json back

@@ -332,24 +332,8 @@ def test_figures_show_the_final_epoch_even_when_an_earlier_one_tested_better(
 
     monkeypatch.setattr(main, "test", test_with_these_accuracies)
     common = ["--train-limit", "200", "--test-limit", "100", "--device", "cpu", "--quiet"]
-    assert (
-        main.main(
-            [
-                *common,
-                "--data-dir",
-                str(mnist_dir),
-                "--out-dir",
-                str(tmp_path),
-                "--run-name",
-                "r",
-                "--model",
-                "mlp",
-                "--epochs",
-                "3",
-            ]
-        )
-        == 0
-    )
+    folders = ["--data-dir", str(mnist_dir), "--out-dir", str(tmp_path)]
+    assert main.main([*common, *folders, *"--run-name r --model mlp --epochs 3".split()]) == 0
     monkeypatch.setattr(main, "test", real_test)
     titles = saved_titles(monkeypatch)
     assert plot.main([str(tmp_path / "r")]) == 0
