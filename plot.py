@@ -58,9 +58,8 @@ def stats_files(run_dir):
     try:
         folders = [folder for _, _, folder in runs.job_folders(run_dir)]
     except RunError as e:
-        if (
-            run_dir / "config.json"
-        ).exists():  # a damaged one is said; a missing one is said below, if it matters
+        # a damaged one is said; a missing one is said below, if it matters
+        if (run_dir / "config.json").exists():
             cli.error(f"{e}; drawing every model folder's stats.json")
         return sorted(run_dir.glob("*/stats.json")) + sorted(run_dir.glob("*/seed*/stats.json"))
     # started jobs

@@ -74,9 +74,8 @@ def test_batch_order_is_the_random_samplers_drawn_on_the_cpu_and_moved_to_the_de
     )
     assert [batch.tolist() for batch in slices] == list(sampler)
     moved = list(BatchSlices(10, 4, torch.Generator().manual_seed(0), torch.device("meta")))
-    assert [batch.device.type for batch in moved] == [
-        "meta"
-    ] * 3  # any device but the CPU shows the move
+    # any device but the CPU shows the move
+    assert [batch.device.type for batch in moved] == ["meta"] * 3
 
 
 def test_a_directory_of_pngs_reads_like_the_tar(good_tar, tmp_path):

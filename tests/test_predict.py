@@ -457,10 +457,8 @@ def test_drawing_on_the_page_shows_each_models_digit(server, tmp_path):
         screenshot = Path(os.environ.get("PREDICT_SCREENSHOT", tmp_path / "page.png"))
         page.screenshot(path=screenshot, full_page=True)
         browser.close()
-    for (
-        digit,
-        drawn,
-    ) in seen.items():  # LeNet-5's 6 + 16 maps, the same for lenet5_reg, the MLP's 5 units
+    # LeNet-5's 6 + 16 maps, the same for lenet5_reg, the MLP's 5 units
+    for digit, drawn in seen.items():
         assert [len(drawn[k]) for k in ("lenet5", "lenet5_reg", "mlp")] == [22, 22, 5]
         assert all(any(pixels) for maps in drawn.values() for pixels in maps), (
             f"a blank map for the {digit}"
