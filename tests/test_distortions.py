@@ -102,3 +102,23 @@ def test_the_training_grey_is_a_loss_of_contrast_on_a_lifted_background(digits):
     assert torch.allclose(grey, level + (1 - level) * factor * digits, atol=1e-6)
     background = digits == 0
     assert torch.allclose(grey[background], level.expand_as(digits)[background])
+
+
+def test_salt_and_pepper_sets_its_fraction_of_pixels_to_0_and_to_1_in_halves():
+    grey = torch.full((64, 1, 28, 28), 0.5)
+    speckled = distortions.salt_and_pepper(grey, 0.2, torch.Generator().manual_seed(0))
+    pixels = grey.numel()
+    salt, pepper = (speckled == 1).sum().item() / pixels, (speckled == 0).sum().item() / pixels
+    assert salt == pytest.approx(0.1, abs=0.005) and pepper == pytest.approx(0.1, abs=0.005)
+    assert torch.all((speckled == 0.5) | (speckled == 0) | (speckled == 1))
+
+
+def test_contrast_scales_each_pixels_distance_from_the_centre_which_stays_put(digits):
+    centre = torch.rand(len(digits), 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    factor = torch.linspace(0.1, 0.9, len(digits))
+    changed = distortions.contrast(digits, factor, centre)
+    assert torch.allclose(changed - centre, (digits - centre) * factor.view(-1, 1, 1, 1), atol=1e-6)
+    assert torch.equal(
+        distortions.contrast(centre.expand_as(digits), factor, centre)[:, :, 0, 0],
+        centre[:, :, 0, 0],
+    )

@@ -114,6 +114,10 @@ def test_contrast_pulls_every_pixel_toward_the_image_mean(digits):
         images.amax((1, 2, 3)) - images.amin((1, 2, 3))
     )
     assert torch.allclose(spread, torch.tensor(factor), atol=1e-4)
+    # about the image's mean, which stays: every pixel is pulled toward it by the same factor
+    mean = images.mean((1, 2, 3), keepdim=True)
+    assert torch.allclose(low.mean((1, 2, 3), keepdim=True), mean, atol=1e-5)
+    assert torch.allclose(low - mean, (images - mean) * factor, atol=1e-5)
 
 
 def test_accuracy_under_shift_falls_as_the_shift_grows(one_epoch_run, digits):
