@@ -5,6 +5,7 @@
     python bench.py --device cuda      # on a GPU: the same, plus main.train without CUDA graphs
     python bench.py --page runs/latest # the drawing page's endpoint instead, on that run's models
     python bench.py --page runs/latest --load 20   # the page's server under a class's load, 20 s
+    python bench.py --sweep runs/latest # the robustness sweep, one seed of each model of that run
 
 Seconds to load train.tar the first time (every PNG decoded) and from the cache, then
 (a) samples per second delivered to a training loop (on --device) by
@@ -19,7 +20,8 @@ Seconds to load train.tar the first time (every PNG decoded) and from the cache,
     on CUDA also  main.train() with every kernel launched from Python (no CUDA graph);
     for lenet5_reg also  main.train() without its augmentation, to give the augmentation's cost.
 Every time is the median of --repeats interleaved runs; epochs are extrapolated from --steps steps.
-With --page, the drawing page's endpoint instead (bench_page.py).
+With --page, the drawing page's endpoint instead (bench_page.py); with --sweep, the seconds that
+robustness.sweep takes over every family for one seed of each model, as plot.py runs it.
 Prints a table, then one JSON line with every number.
 """
 
@@ -45,7 +47,10 @@ import bench_page
 import cli
 import machine
 import main as training
-from dataset import MEAN, MNIST, STD, batch_loader, find_splits
+import plot
+import robustness
+import runs
+from dataset import MEAN, MNIST, STD, batch_loader, find_splits, to_unit
 from model import MODELS, CustomMLP, LeNet5, LeNet5Regularized
 
 BATCH = 32
@@ -219,6 +224,8 @@ def parse_args(argv=None):
         help="time the drawing page's endpoint on RUN's models instead",
     )
     p.add_argument("--requests", type=int, default=100, help="with --page: requests timed")
+    sweep = "time the robustness sweep of RUN's first seed of each model instead"
+    p.add_argument("--sweep", type=Path, metavar="RUN", help=sweep)
     p.add_argument(
         "--load",
         type=float,
@@ -376,10 +383,34 @@ def print_epochs(epochs):
     return ratios
 
 
+def sweep_bench(run_dir):
+    """--sweep: seconds for robustness.sweep over the run's test set, with the first seed's final
+    weights of each of its models, each changed set made once for all of them."""
+    models = {}
+    for name, _, folder in runs.trained_jobs(run_dir):
+        models.setdefault(name, runs.load_model(folder)[0])
+    test_set = plot.load_test_split(run_dir, None)
+    start = time.perf_counter()
+    robustness.sweep(models, to_unit(test_set.images), test_set.labels)
+    seconds = time.perf_counter() - start
+    settings = sum(len(f.strengths) - 1 for f in robustness.FAMILIES.values())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine.cpu_name()}")
+    print(
+        f"robustness.sweep of {', '.join(models)} on {len(test_set):,} test digits,"
+        f" {len(robustness.FAMILIES)} families ({settings} settings): {seconds:.1f} s"
+    )
+    return {"torch": torch.__version__, "cpu": machine.cpu_name(), "sweep_s": seconds}
+
+
 def main(argv=None):
     """The command line: the table, then one JSON line with every number."""
     args = parse_args(argv)
-    result = bench_page.page_bench(args) if args.page else training_bench(args)
+    if args.page:
+        result = bench_page.page_bench(args)
+    elif args.sweep:
+        result = sweep_bench(args.sweep)
+    else:
+        result = training_bench(args)
     print(json.dumps(result))
     return 0
 

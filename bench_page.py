@@ -171,8 +171,10 @@ def load_test(run_dir, seconds, clients, idle, look=LOOK_SECONDS):
         for worker in workers:
             worker.join()
     finally:
-        # predict.py --serve ends on Ctrl-C
-        server.send_signal(signal.SIGINT)
+        # predict.py --serve ends on SIGTERM as on Ctrl-C; SIGINT would not do: a job that a
+        # script starts in the background (a CI's suites side by side) ignores it, and so do its
+        # children
+        server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
     # Unix only, so not at the top: bench.py runs on Windows too
     import resource

@@ -29,6 +29,7 @@ from matplotlib.ticker import MaxNLocator
 from torchvision.utils import make_grid
 
 import cli
+import compare
 import learned
 import robustness
 import runs
@@ -291,6 +292,7 @@ def report(run_dir, run, per_class, figures, sweep=None, inside_notes=()):
             f" | {REFERENCE.get(name, '')} |"
         )
     lines += robustness.report_lines(sweep)
+    lines += compare.report_lines(sweep) + compare.halves_lines(sweep)
     if per_class:
         lines += ["", "## Test accuracy per class (final weights)", ""]
         lines += ["| model | " + " | ".join(map(str, range(10))) + " |", "|---|" + "---:|" * 10]

@@ -374,7 +374,7 @@ def main(argv=None):
         cli.error(f"{args.host}:{args.port}: cannot serve there ({e.strerror})")
         return 1
     print(f"drawing page at http://{args.host}:{server.server_port} (Ctrl-C stops it)", flush=True)
-    with server, contextlib.suppress(KeyboardInterrupt):
+    with server, cli.sigterm_as_ctrl_c(), contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
     return 0
 

@@ -34,7 +34,7 @@ def total_variation(images):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_no_strength_is_the_identity_and_each_level_changes_more(digits, family):
     images, _ = digits
-    unit, strengths, change = FAMILIES[family]
+    unit, strengths, change, _ = FAMILIES[family]
     unchanged = change(images, strengths[0], torch.Generator().manual_seed(0))
     assert torch.allclose(unchanged, images, atol=1e-5)
     assert corrupted(images, family, 0) is images
@@ -162,8 +162,20 @@ def test_the_sweep_is_saved_reused_and_redone_for_a_changed_checkpoint(
         )
     assert accuracy["shift"][0] == pytest.approx(plain.item())  # strength 0 is the test set itself
     report = (run / "report.md").read_text()
-    mean = plot.mean_std([robustness.sweep_mean(accuracy)])
-    assert f"| **mean over the sweep** | | {mean} |" in report
+    held = plot.mean_std([robustness.sweep_mean(accuracy, trained_on=False)])
+    trained = plot.mean_std([robustness.sweep_mean(accuracy, trained_on=True)])
+    assert f"| **mean over the held-out families** | | | {held} |" in report
+    assert f"| **mean over the trained-on families** | | | {trained} |" in report
+    assert "| shift | trained on | 1, 2, 3, 4, 5 pixels |" in report
+    assert "| ruled lines | held out | " in report
+    # which digits it gets right, clean and at each setting: what the paired tests compare
+    right = saved["jobs"]["lenet5"]["right"]
+    clean = robustness.unpacked(right["clean"], right["digits"])
+    assert right["digits"] == 300 and clean.mean() == pytest.approx(accuracy["shift"][0])
+    for family in FAMILIES:
+        hits = [robustness.unpacked(bits, 300).mean() for bits in right["families"][family]]
+        assert hits == pytest.approx(accuracy[family][1:])
+    assert "| lenet5_reg − lenet5 | held-out families | 0 | " in report
     one, two = (accuracy["shift"][k] * 100 for k in (1, 2))
     assert f"| shift (pixels) | 1: {one:.1f}% | 2: {two:.1f}% |" in report
     assert (run / "plots/robustness.png").is_file()
