@@ -17,7 +17,22 @@ def test_a_write_reaches_the_disk_before_it_replaces_the_old_file(tmp_path, monk
         files.os, "replace", lambda a, b: calls.append("replace") or real_replace(a, b)
     )
     files.write_text(tmp_path / "f.json", "{}")
-    assert calls[:2] == ["fsync", "replace"] and (tmp_path / "f.json").read_text() == "{}"
+    # the file, the rename, then the folder that holds the rename
+    assert calls == ["fsync", "replace", "fsync"] and (tmp_path / "f.json").read_text() == "{}"
+
+
+def test_a_rename_refused_for_a_while_is_tried_again(tmp_path, monkeypatch):
+    refusals, real_replace = [PermissionError(13, "Access is denied")] * 2, files.os.replace
+
+    def replace(a, b):
+        if refusals:
+            raise refusals.pop()
+        real_replace(a, b)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    monkeypatch.setattr(files.time, "sleep", lambda seconds: None)
+    files.write_text(tmp_path / "stats.json", "{}")
+    assert (tmp_path / "stats.json").read_text() == "{}" and not refusals
 
 
 def test_a_write_that_fails_leaves_the_old_file_and_no_temporary_file(tmp_path):
@@ -52,9 +67,28 @@ def test_the_digest_is_the_sha1_of_the_files_bytes(tmp_path):
     assert files.file_digest(tmp_path / "f") == hashlib.sha1(b"abc" * 500_000).hexdigest()
 
 
+def test_a_folder_files_cannot_be_written_in_is_an_error_and_what_was_made_is_removed(
+    tmp_path, monkeypatch
+):
+    def refused(dir):
+        raise PermissionError(13, "Permission denied", str(dir))
+
+    monkeypatch.setattr(files.tempfile, "TemporaryFile", refused)
+    with pytest.raises(PermissionError):
+        files.writable_folder(tmp_path / "runs/new")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_writable_folder_is_made_with_its_parents_and_removed_again_when_empty(tmp_path):
     made = files.writable_folder(tmp_path / "a/b/c")
     assert made == [tmp_path / "a/b/c", tmp_path / "a/b", tmp_path / "a"]
     (tmp_path / "a/keep").write_text("x")
     files.remove_empty(made)
     assert not (tmp_path / "a/b").exists() and (tmp_path / "a/keep").exists()
+
+
+def test_text_is_written_as_utf_8_and_a_name_that_is_not_text_as_the_systems_bytes(tmp_path):
+    files.write_text(tmp_path / "report.md", "한글 café\n")
+    assert (tmp_path / "report.md").read_bytes() == "한글 café\n".encode()
+    files.write_text(tmp_path / "command", "runs/caf\udce9")
+    assert (tmp_path / "command").read_bytes() == b"runs/caf\xe9"
