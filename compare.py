@@ -25,8 +25,7 @@ import math
 
 import numpy as np
 
-from model import MODELS
-from robustness import FAMILIES, unpacked
+from robustness import FAMILIES, jobs_by_model, unpacked
 
 RESAMPLES = 2000
 BOOTSTRAP_SEED = 20261207
@@ -123,14 +122,6 @@ def cell(result):
     )
 
 
-def by_model(sweep):
-    """{model: {seed: job}} of robustness.json's jobs, in the registry's order."""
-    found = {}
-    for job in sweep.values():
-        found.setdefault(job["model"], {})[job["seed"]] = job
-    return {name: dict(sorted(found[name].items())) for name in MODELS if name in found}
-
-
 def comparisons(first, second, measure):
     """{seed: paired(...)} for each seed both {seed: job} share, and "pooled" where there are
     several."""
@@ -147,7 +138,7 @@ def comparisons(first, second, measure):
 def report_lines(sweep):
     """report.md's paired comparisons of each pair of models, clean, held out and trained on, per
     seed and pooled."""
-    models = by_model(sweep or {})
+    models = jobs_by_model(sweep or {})
     pairs = [(a, b) for a, b in PAIRS if a in models and b in models]
     if not pairs:
         return []
@@ -194,7 +185,7 @@ def halves(job):
 def halves_lines(sweep):
     """report.md's error of each model on the test set's two halves, per seed; only when the sweep
     scored the whole test set."""
-    models = by_model(sweep or {})
+    models = jobs_by_model(sweep or {})
     sizes = {job["right"]["digits"] for jobs in models.values() for job in jobs.values()}
     if sizes != {2 * HALF}:
         return []

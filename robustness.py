@@ -232,13 +232,11 @@ def definition():
     }
 
 
-def sweep_mean(accuracies, trained_on=None):
-    """The mean accuracy over every family and changed strength, as in ImageNet-C; over the
-    trained-on families alone (``trained_on=True``) or the held-out ones (False)."""
+def sweep_mean(accuracies, trained_on):
+    """The mean accuracy over every changed strength of the trained-on families
+    (``trained_on=True``) or of the held-out ones (False), as ImageNet-C means its corruptions."""
     chosen = [
-        acc[1:]
-        for family, acc in accuracies.items()
-        if trained_on is None or FAMILIES[family].trained_on == trained_on
+        acc[1:] for family, acc in accuracies.items() if FAMILIES[family].trained_on == trained_on
     ]
     return sum(map(sum, chosen)) / sum(map(len, chosen))
 
@@ -341,12 +339,21 @@ def report_lines(sweep):
     return lines
 
 
-def by_model(sweep):
-    """{model: [each seed's {family: [accuracy per strength]}]}, in the registry's order."""
+def jobs_by_model(sweep):
+    """{model: {seed: job}} of robustness.json's jobs, models in the registry's order, seeds in
+    theirs."""
     found = {}
     for job in sweep.values():
-        found.setdefault(job["model"], []).append(job["accuracy"])
-    return {name: found[name] for name in MODELS if name in found}
+        found.setdefault(job["model"], {})[job["seed"]] = job
+    return {name: dict(sorted(found[name].items())) for name in MODELS if name in found}
+
+
+def by_model(sweep):
+    """{model: [each seed's {family: [accuracy per strength]}]}, in the registry's order."""
+    return {
+        name: [job["accuracy"] for job in jobs.values()]
+        for name, jobs in jobs_by_model(sweep).items()
+    }
 
 
 def figure(sweep):
