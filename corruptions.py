@@ -5,7 +5,7 @@ Each is a way that real digits differ from MNIST's and that no operation of the 
 paper, the edges of a form's box around a cropped digit, a dotted guide line), uneven light (a
 shadow over part of the page), camera shake (motion blur), a wavy (elastic) warp and a coarse scan
 scaled back up. They were chosen before any recipe was tuned on them. Nothing here is shared with
-distortions.py, and tests/test_robustness.py holds that the augmentation calls none of it.
+distortions.py, and tests/test_corruptions.py holds that the augmentation calls none of it.
 
 Each takes a (N, 1, H, W) batch in [0, 1] with background 0, on any device, a strength (one number
 for the batch; 0 leaves the batch unchanged) and a ``torch.Generator`` on the CPU. Each image's
