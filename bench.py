@@ -6,6 +6,7 @@
     python bench.py --page runs/latest # the drawing page's endpoint instead, on that run's models
     python bench.py --page runs/latest --load 20   # the page's server under a class's load, 20 s
     python bench.py --sweep runs/latest # the robustness sweep, one seed of each model of that run
+    python bench.py --rule runs/latest  # fitting the not-a-digit rule of each model of that run
 
 Seconds to load train.tar the first time (every PNG decoded) and from the cache, then
 (a) samples per second delivered to a training loop (on --device) by
@@ -21,7 +22,8 @@ Seconds to load train.tar the first time (every PNG decoded) and from the cache,
     for lenet5_reg also  main.train() without its augmentation, to give the augmentation's cost.
 Every time is the median of --repeats interleaved runs; epochs are extrapolated from --steps steps.
 With --page, the drawing page's endpoint instead (bench_page.py); with --sweep, the seconds that
-robustness.sweep takes over every family for one seed of each model, as plot.py runs it.
+robustness.sweep takes over every family for one seed of each model, as plot.py runs it; with
+--rule, the seconds that fitting each model's rule adds to the end of its job in main.py.
 Prints a table, then one JSON line with every number.
 """
 
@@ -47,6 +49,7 @@ import bench_page
 import cli
 import machine
 import main as training
+import outliers
 import plot
 import robustness
 import runs
@@ -226,6 +229,8 @@ def parse_args(argv=None):
     p.add_argument("--requests", type=int, default=100, help="with --page: requests timed")
     sweep = "time the robustness sweep of RUN's first seed of each model instead"
     p.add_argument("--sweep", type=Path, metavar="RUN", help=sweep)
+    rule = "time fitting the not-a-digit rule of RUN's first seed of each model instead"
+    p.add_argument("--rule", type=Path, metavar="RUN", help=rule)
     p.add_argument(
         "--load",
         type=float,
@@ -402,6 +407,27 @@ def sweep_bench(run_dir):
     return {"torch": torch.__version__, "cpu": machine.cpu_name(), "sweep_s": seconds}
 
 
+def rule_bench(run_dir):
+    """--rule: seconds for outliers.write_rule with the first seed's final weights of each model,
+    on the run's own training and validation splits, as main.py calls it when a job ends."""
+    cfg = runs.read_config(run_dir)
+    train_path, _ = find_splits(cfg["data_dir"], cfg["idx_dir"])
+    train_set = MNIST(train_path, limit=cfg["train_limit"])
+    train_set, val_set = train_set.held_out(cfg["val_size"])
+    seconds = {}
+    with tempfile.TemporaryDirectory() as out:
+        for name, _, folder in runs.trained_jobs(run_dir):
+            if name not in seconds:
+                model = runs.load_model(folder)[0]
+                start = time.perf_counter()
+                outliers.write_rule(out, model, train_set, val_set)
+                seconds[name] = time.perf_counter() - start
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine.cpu_name()}")
+    each = ", ".join(f"{name} {s:.2f} s" for name, s in seconds.items())
+    print(f"fitting each model's rule: {each}; {sum(seconds.values()):.2f} s in all")
+    return {"torch": torch.__version__, "cpu": machine.cpu_name(), "rule_s": seconds}
+
+
 def main(argv=None):
     """The command line: the table, then one JSON line with every number."""
     args = parse_args(argv)
@@ -409,6 +435,8 @@ def main(argv=None):
         result = bench_page.page_bench(args)
     elif args.sweep:
         result = sweep_bench(args.sweep)
+    elif args.rule:
+        result = rule_bench(args.rule)
     else:
         result = training_bench(args)
     print(json.dumps(result))

@@ -6,10 +6,10 @@
     python main.py --resume runs/20261128-130000    # continue an interrupted run
     torchrun --standalone --nproc-per-node=2 main.py --seeds 0,1,2    # over 2 processes
 
-Each run writes RUN_DIR/config.json and, per model (and per seed with --seeds),
-stats.json and last.pt (the model after its last completed epoch), both rewritten atomically
-after every epoch. With --val-size N the last N training images are held out and each epoch
-reports the accuracy on them beside the test set's, for choices made without the test set.
+Each run writes RUN_DIR/config.json and, per model (and per seed with --seeds), stats.json and
+last.pt (the model after its last completed epoch), rewritten atomically after every epoch, then
+rule.pt (outliers.py: what the model takes for a digit). The last training images are held out
+(--val-size): the rule is fitted on them, and each epoch reports their accuracy beside the test's.
 """
 
 import argparse
@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import cli
 import machine
+import outliers
 import runs
 from cli import DECIMAL, POSITIVE_DECIMAL, POSITIVE_WHOLE, WHOLE
 from dataset import TEST_BATCH_SIZE, DatasetError, batch_loader, load_splits
@@ -142,12 +143,10 @@ def build(name, cfg, device):
 
 
 def run_job(name, seed, cfg, out, train_set, test_set, device, prefix="", val_set=None):
-    """Train one model with one seed for cfg['epochs'], continuing from out/last.pt if present.
-
-    Returns the number of epochs it trained (0 for a job that was already complete). Each epoch's
-    line starts with ``prefix`` (the rank, under torchrun). With ``val_set`` each epoch is also
-    evaluated on it (the validation split held out of the training images).
-    """
+    """Train one model with one seed for cfg['epochs'], continuing from out/last.pt if present, then
+    fit its not-a-digit rule (outliers.write_rule); returns the epochs it trained (0 for a job
+    already complete). Each epoch's line starts with ``prefix`` (the rank, under torchrun) and gives
+    the accuracy on ``val_set`` (the validation split), if any."""
     model, optimizer, scheduler, stats = start_job(name, seed, cfg, out, device)
     criterion = torch.nn.CrossEntropyLoss()
     done = len(stats["epochs"])
@@ -187,6 +186,8 @@ def run_job(name, seed, cfg, out, train_set, test_set, device, prefix="", val_se
         stats["epochs"].append(row)
         runs.save_epoch(out, stats, model, optimizer, scheduler)
         print(prefix + runs.epoch_line(name, seed, cfg["epochs"], row), flush=True)
+    if not (out / outliers.RULE).is_file():  # and a job trained before rules were: it gets one
+        outliers.write_rule(out, model, train_set, val_set)
     return len(stats["epochs"]) - done
 
 
@@ -231,6 +232,7 @@ def run_name(text):
     return text
 
 
+VAL_SIZE = 5_000  # training images held out by default: the not-a-digit rule is fitted on them
 # Options that say where and how to run, not what: the only ones --resume takes besides itself.
 RESUME_OPTIONS = {"resume", "data_dir", "idx_dir", "device", "threads", "quiet"}
 
@@ -280,8 +282,8 @@ def add_run_options(p):
     add("--run-name", type=run_name, help="name of this run's folder; the time when not given")
     add("--train-limit", type=POSITIVE_WHOLE, help="use only the first N training images")
     add("--test-limit", type=POSITIVE_WHOLE, help="use only the first N test images")
-    val = "hold out the last N training images as a validation split"
-    add("--val-size", type=WHOLE, default=0, help=val)
+    val = f"hold out the last N training images (unset: {VAL_SIZE:,}, or a tenth of fewer)"
+    add("--val-size", type=WHOLE, help=val + ": the validation split, which the rule is fitted on")
     add("--resume", type=Path, metavar="RUN_DIR", help="continue this run with its saved settings")
     add("--quiet", action="store_true", help="no progress bar")
 
@@ -337,7 +339,7 @@ def parse_args(argv=None, ranks=None):
             " (a batch of one image is skipped: BatchNorm needs two)"
         )
     # too large for the training set: start_run says so, once the set is loaded
-    if args.val_size < 0:
+    if args.val_size is not None and args.val_size < 0:
         p.error(f"argument --val-size: must be 0 or more, got {args.val_size}")
     try:
         args.device = machine.pick_device(args.device, ranks.local_rank if ranks.several else None)
@@ -425,6 +427,8 @@ def load_data(args, cfg, prefix):
     except DatasetError as e:
         cli.error(e, prefix)
         return None, None
+    if cfg["val_size"] is None:
+        cfg["val_size"] = min(VAL_SIZE, len(sets[0]) // 10)
     if cfg["val_size"] > len(sets[0]) - 2:
         left = f"fewer than 2 of the {len(sets[0])} training images to train on"
         cli.error(f"--val-size {cfg['val_size']} leaves {left}", prefix)

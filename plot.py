@@ -6,8 +6,9 @@
 Writes, under RUN_DIR/plots/: <model>_curves.png (train/test loss and accuracy
 per epoch, mean and a band of +-1 std over seeds), comparison.png (all models,
 and all runs given, on the same four panels), and from each model's final weights
-(last.pt) <model>_confusion.png, <model>_misclassified.png and robustness.png (the
-sweep of robustness.py, kept in RUN_DIR/robustness.json); from the first seed's final
+(last.pt) <model>_confusion.png, <model>_misclassified.png, robustness.png (the
+sweep of robustness.py, kept in RUN_DIR/robustness.json) and calibration.png (with each
+model's not-a-digit rule, outliers.py); from the first seed's final
 weights, what the models learned: filters.png (the LeNet-5s' kernels), mlp_weights.png
 (each MLP unit's weights as an image), activations.png and lenet5_reg_activations.png
 (the layers' activations on a test digit of each class); then RUN_DIR/report.md.
@@ -31,6 +32,7 @@ from torchvision.utils import make_grid
 import cli
 import compare
 import learned
+import outliers
 import robustness
 import runs
 from dataset import MNIST, TEST_BATCH_SIZE, DatasetError, batch_loader, split_path
@@ -345,7 +347,7 @@ def confusion_matrix(labels, predictions):
 
 def plot_run(run_dir, run, data_dir):
     """The run's figures; returns (figures, per-class accuracies, robustness sweep, report.md's
-    notes on what the models learned)."""
+    notes on what the models take for a digit and on what they learned)."""
     out = run_dir / "plots"
     figures = [plot_model_curves(name, seeds, out) for name, seeds in run.items()]
     test_set = load_test_split(run_dir, data_dir)
@@ -377,8 +379,11 @@ def plot_run(run_dir, run, data_dir):
     sweep = robustness.run_sweep(run_dir / "robustness.json", usable, test_set) if usable else {}
     if sweep:
         figures.append(save(robustness.figure(sweep), out / "robustness.png"))
+    calibration, notes = outliers.report(usable.values(), test_set)
+    if calibration is not None:
+        figures.append(save(calibration, out / "calibration.png"))
     figures += plot_learned(first, test_set, out)
-    notes = learned.notes(first, test_set) if first else []
+    notes += learned.notes(first, test_set) if first else []
     return [f for f in figures if f is not None], per_class, sweep, notes
 
 

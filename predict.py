@@ -6,7 +6,8 @@
     python predict.py --serve                         # a page to draw on, at http://127.0.0.1:8000
 
 Every image is first made to look like an MNIST digit (preprocess.py); the command line and the
-page share it.
+page share it. Each model then says whether it takes the image for a digit, by the rule its run
+stored (outliers.py), and how sure it is, calibrated.
 """
 
 import argparse
@@ -21,11 +22,11 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 import cli
+import outliers
 import runs
 from dataset import IMAGE_SIDE
 from model import MODELS, inside
@@ -40,8 +41,9 @@ PAGE = Path(__file__).with_name("predict.html")
 
 
 def load_models(run, names=None):
-    """{model name: [model per seed]}: the final weights of the jobs the run's config.json lists;
-    RunError naming what is wrong."""
+    """{model name: [model per seed]}: the final weights of the jobs the run's config.json lists,
+    each with its not-a-digit rule as ``model.rule`` (None in a run made before rules; of a seed
+    after the first, only the temperature); RunError naming what is wrong."""
     run_dir = runs.find_run(run)
     if not run_dir.is_dir():
         raise RunError(f"{run}: no such run folder; train first: python main.py")
@@ -51,7 +53,11 @@ def load_models(run, names=None):
         )
     models = {}
     for name, _, folder in runs.trained_jobs(run_dir):
-        models.setdefault(name, []).append(runs.load_model(folder)[0])
+        model = runs.load_model(folder)[0]
+        model.rule = outliers.load_rule(folder)
+        if name in models and model.rule is not None:  # only a first seed's rule decides (classify)
+            model.rule = {"temperature": model.rule["temperature"]}  # its bank is 32 MB or more
+        models.setdefault(name, []).append(model)
     if names:
         missing = [name for name in names if name not in models]
         if missing:
@@ -65,15 +71,32 @@ def load_models(run, names=None):
 
 @torch.inference_mode()
 def classify(models, image, maps=False):
-    """{model name: ten probabilities}, averaged over a model's seeds, for one normalized image;
-    with ``maps``, also {model name: {layer: its activations, ``scaled``}} of each model's first
-    seed, taken with forward hooks (model.inside) in the same forward pass."""
-    probs, seen = {}, {}
-    for name, seeds in models.items():
-        first, layers = inside(seeds[0], image) if maps else (seeds[0](image), {})
-        probs[name] = torch.cat([first, *(m(image) for m in seeds[1:])]).softmax(1).mean(0).tolist()
+    """{model name: {digit, probs, is_digit, confidence}} for one normalized image.
+
+    ``probs`` are each seed's probabilities, calibrated by the temperature of its rule, averaged
+    over the seeds, and ``confidence`` their largest. Whether the model takes the image for a digit
+    (``is_digit``) is its first seed's rule's to say (one rule a model keeps the page's answer
+    quick), and always yes without one (a run made before rules). With ``maps``, also {model name:
+    {layer: its activations, ``scaled``}} of each model's first seed, taken with forward hooks
+    (model.inside) in the same forward pass.
+    """
+    results, seen = {}, {}
+    for name, (first, *others) in models.items():
+        rule = getattr(first, "rule", None)
+        with outliers.features_of(first) as got:
+            logits, layers = inside(first, image) if maps else (first(image), {})
         seen[name] = {layer: scaled(values[0]) for layer, values in layers.items()}
-    return (probs, seen) if maps else probs
+        probs = [outliers.calibrated(rule, logits)]
+        probs += [outliers.calibrated(getattr(m, "rule", None), m(image)) for m in others]
+        mean = torch.cat(probs).mean(0)
+        results[name] = {
+            "digit": int(mean.argmax()),
+            "probs": mean.tolist(),
+            "is_digit": not outliers.can_refuse(rule)
+            or bool(outliers.judge(rule, logits, got["features"])[1]),
+            "confidence": mean.max().item(),
+        }
+    return (results, seen) if maps else results
 
 
 def scaled(values):
@@ -92,17 +115,21 @@ def mlp_weights(models):
 
 
 def answer(models, data, maps=False):
-    """What the command line and the page say of one image's bytes: ({name: {digit, probs}}, view),
-    and with ``maps`` a third item, what each model's first seed computed on the way
-    (``classify``)."""
+    """What the command line and the page say of one image's bytes: ({name: {digit, probs,
+    is_digit, confidence}}, view), and with ``maps`` a third item, what each model's first seed
+    computed on the way (``classify``)."""
     image, view = to_mnist(open_image(data))
-    probs, seen = classify(models, image, maps=True) if maps else (classify(models, image), None)
-    results = {name: {"digit": int(np.argmax(p)), "probs": p} for name, p in probs.items()}
-    return (results, view, seen) if maps else (results, view)
+    if not maps:
+        return classify(models, image), view
+    results, seen = classify(models, image, maps=True)
+    return results, view, seen
 
 
 def describe(result):
+    """A model's answer in words: its digit and three likeliest, or that it takes none."""
     digit, probs = result["digit"], result["probs"]
+    if not result["is_digit"]:
+        return f"not a digit (closest: {digit}, {result['confidence']:.0%})"
     top = sorted(range(10), key=lambda d: -probs[d])[:3]
     return f"{digit}  ({', '.join(f'{d}: {probs[d]:.1%}' for d in top)})"
 
@@ -366,6 +393,12 @@ def main(argv=None):
     except RunError as e:
         cli.error(e)
         return 1
+    if old := [name for name, seeds in models.items() if any(m.rule is None for m in seeds)]:
+        run_dir = runs.find_run(args.run)
+        cli.warning(
+            f"{run_dir}: made before not-a-digit rules, so {', '.join(old)} cannot refuse an"
+            f" image; {cli.command('python', 'main.py', '--resume', run_dir)} adds them"
+        )
     if not args.serve:
         return 1 if predict_files(models, args.images, args.json, args.view) else 0
     try:

@@ -106,3 +106,17 @@ def test_the_load_test_answers_every_drawing_and_measures_the_servers_memory(one
     assert result["oversized"] == {"200": 2, "400": 2}
     assert result["idle_connections_opened"] >= 3 and 100 < result["server_peak_mb"] < 10_000
     assert "drawings: " in out
+
+
+def test_the_rule_bench_times_fitting_each_models_rule(one_epoch_run, capsys):
+    rules = sorted(one_epoch_run.glob("*/rule.pt"))
+    before = [path.stat().st_mtime_ns for path in rules]
+    assert bench.main(["--rule", str(one_epoch_run)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    result = json.loads(out[-1])
+    assert list(result["rule_s"]) == ["lenet5", "mlp", "lenet5_reg"]
+    assert all(seconds > 0 for seconds in result["rule_s"].values())
+    assert out[-2].startswith("fitting each model's rule: lenet5 ") and out[-2].endswith(
+        " s in all"
+    )
+    assert len(rules) == 3 and [path.stat().st_mtime_ns for path in rules] == before  # untouched

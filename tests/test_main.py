@@ -10,10 +10,12 @@ from conftest import ROOT, epochs_without_time, interrupt_at, run_main, tiny_idx
 
 import dataset
 import main
+import outliers
 from dataset import MNIST, batch_loader
 from model import CustomMLP, LeNet5, num_params
 
 STAT_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds"}
+VAL_KEYS = {"val_loss", "val_acc"}  # a default run holds out a validation split
 
 
 SMALL = ("--train-limit", "2000", "--test-limit", "500", "--epochs", "2", "--device", "cpu")
@@ -24,6 +26,7 @@ def test_small_run_writes_config_stats_and_checkpoints(mnist_dir, tmp_path, caps
     run_dir = tmp_path / "run"
     config = json.loads((run_dir / "config.json").read_text())
     assert config["epochs"] == 2 and config["batch_size"] == 32 and config["lr"] == 0.01
+    assert config["val_size"] == 200  # a tenth of the 2,000 training images
     assert (
         config["momentum"] == 0.9
         and config["torch"] == torch.__version__
@@ -38,7 +41,7 @@ def test_small_run_writes_config_stats_and_checkpoints(mnist_dir, tmp_path, caps
         stats = json.loads((run_dir / name / "stats.json").read_text())
         assert stats["model"] == name and stats["params"] == params
         assert [row["epoch"] for row in stats["epochs"]] == [1, 2]
-        assert all(set(row) == STAT_KEYS for row in stats["epochs"])
+        assert all(set(row) == STAT_KEYS | VAL_KEYS for row in stats["epochs"])
         assert all(0 <= row[k] <= 1 for row in stats["epochs"] for k in ("train_acc", "test_acc"))
         first, second = stats["epochs"]
         assert (
@@ -47,6 +50,9 @@ def test_small_run_writes_config_stats_and_checkpoints(mnist_dir, tmp_path, caps
         last = torch.load(run_dir / name / "last.pt", weights_only=True)
         assert last["epoch"] == 2 and {"model", "optimizer", "scheduler", "rng"} <= set(last)
         assert not (run_dir / name / "best.pt").exists()  # no weights chosen on the test set
+        rule = outliers.load_rule(run_dir / name)
+        assert rule["digits"] == 200 and rule["fitted_on"] == "validation"
+        assert len(rule["bank"]) == 1_800
     lines = [line for line in capsys.readouterr().out.splitlines() if " epoch " in line]
     assert len(lines) == 6 and lines[0].startswith("lenet5     seed 0 epoch 1/2 | train loss ")
 
@@ -275,7 +281,7 @@ def test_only_the_regularized_models_training_split_is_augmented(mnist_dir, tmp_
     real_batch_loader = main.batch_loader
 
     def recording_batch_loader(dataset, batch_size, generator=None):
-        loaders.append((dataset.path.name, dataset.augmented))
+        loaders.append((dataset.path.name, len(dataset), dataset.augmented))
         return real_batch_loader(dataset, batch_size, generator)
 
     monkeypatch.setattr(main, "batch_loader", recording_batch_loader)
@@ -283,9 +289,12 @@ def test_only_the_regularized_models_training_split_is_augmented(mnist_dir, tmp_
         run_main(mnist_dir, tmp_path, "--train-limit", "64", "--test-limit", "32", "--epochs", "1")
         == 0
     )
-    assert loaders == [("test.tar", False), ("train.tar", False)] * 2 + [
-        ("test.tar", False),
-        ("train.tar", True),
+    # each job: the test set, the validation split (6 images, a tenth), then the training split
+    test, val = ("test.tar", 32, False), ("train.tar", 6, False)
+    assert loaders == [test, val, ("train.tar", 58, False)] * 2 + [
+        test,
+        val,
+        ("train.tar", 58, True),
     ]
 
 

@@ -120,10 +120,10 @@ def test_two_ranks_train_each_job_once_with_the_numbers_of_one_process(mnist_dir
         (1, "cpu", THREADS),
     ]
     # one table, once every job is done
-    table = output[output.index("test acc  minutes") :].splitlines()[1:5]
-    assert output.count("test acc  minutes") == 1 and [line.split()[:3] for line in table] == [
-        [name, str(seed), "3"] for name, seed in JOBS
-    ]
+    table = output[output.index("test acc  val acc  minutes") :].splitlines()[1:5]
+    assert output.count("test acc  val acc  minutes") == 1 and [
+        line.split()[:3] for line in table
+    ] == [[name, str(seed), "3"] for name, seed in JOBS]
     assert_same_numbers(tmp_path / "run", alone)
 
 

@@ -176,7 +176,8 @@ def test_report_numbers_equal_the_stats(run_copy):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1] == f"{stats['params']:,}"
         assert cells[2] == f"{final['test_acc']:.2%}"
-        assert cells[3] == f"{final['train_acc']:.2%}"
+        assert cells[3] == f"{final['val_acc']:.2%}"  # a default run holds a validation split out
+        assert cells[4] == f"{final['train_acc']:.2%}"
     assert "0.95% error" in report
     for figure in re.findall(r"\]\((.+?)\)", report):
         assert (run_copy / figure).is_file()
@@ -331,8 +332,9 @@ def test_figures_show_the_final_epoch_even_when_an_earlier_one_tested_better(
         return loss, next(accuracies)
 
     monkeypatch.setattr(main, "test", test_with_these_accuracies)
-    common = ["--train-limit", "200", "--test-limit", "100", "--device", "cpu", "--quiet"]
-    folders = ["--data-dir", str(mnist_dir), "--out-dir", str(tmp_path)]
+    # no validation split: main.test then sees the test set alone
+    common = ["--train-limit", "200", "--test-limit", "100", "--val-size", "0", "--quiet"]
+    folders = ["--data-dir", str(mnist_dir), "--out-dir", str(tmp_path), "--device", "cpu"]
     assert main.main([*common, *folders, *"--run-name r --model mlp --epochs 3".split()]) == 0
     monkeypatch.setattr(main, "test", real_test)
     titles = saved_titles(monkeypatch)
@@ -361,9 +363,9 @@ def test_show_opens_each_figure_whole(run_copy, monkeypatch):
         plt, "show", lambda: shown.update({n: plt.figure(n) for n in plt.get_figlabels()})
     )
     assert plot.main([str(run_copy), "--show"]) == 0
-    # comparison, robustness, per model curves, confusion and misclassified, and the four of
-    # learned.py
-    assert len(shown) == 2 + 3 * 3 + 4
+    # comparison, robustness, calibration, per model curves, confusion and misclassified, and the
+    # four of learned.py
+    assert len(shown) == 3 + 3 * 3 + 4
     for name, fig in shown.items():
         with Image.open(run_copy / "plots" / name) as image:
             assert tuple(round(v) for v in fig.get_size_inches() * fig.dpi) == image.size

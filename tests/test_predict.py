@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import struct
@@ -22,6 +23,7 @@ from PIL import Image, ImageDraw
 
 import dataset
 import files
+import main
 import predict
 import preprocess
 import runs
@@ -206,8 +208,10 @@ def test_json_gives_ten_probabilities_per_model_and_view_writes_what_the_models_
     assert predict.main([*argv, "--json", "--view", str(tmp_path / "views")]) == 1
     good, bad = map(json.loads, capsys.readouterr().out.splitlines())
     assert good["image"] == str(images / "seven.png") and list(good["models"]) == ["lenet5"]
-    assert good["models"]["lenet5"]["digit"] == 7 and len(good["models"]["lenet5"]["probs"]) == 10
-    assert sum(good["models"]["lenet5"]["probs"]) == pytest.approx(1, abs=1e-5)
+    lenet5 = good["models"]["lenet5"]
+    assert lenet5["digit"] == 7 and len(lenet5["probs"]) == 10 and lenet5["is_digit"] is True
+    assert sum(lenet5["probs"]) == pytest.approx(1, abs=1e-5)
+    assert lenet5["confidence"] == pytest.approx(max(lenet5["probs"]))
     assert bad == {
         "image": str(images / "blank.png"),
         "error": "no ink found: the image is empty or blank",
@@ -233,11 +237,58 @@ def test_several_seeds_of_a_model_are_averaged(one_epoch_run, images, tmp_path):
     models = predict.load_models(run)
     assert list(models) == ["lenet5"] and len(models["lenet5"]) == 2
     image, _ = preprocess.to_mnist(Image.open(images / "seven.png"))
-    each = [predict.classify({"lenet5": [model]}, image)["lenet5"] for model in models["lenet5"]]
+    each = [
+        predict.classify({"lenet5": [model]}, image)["lenet5"]["probs"]
+        for model in models["lenet5"]
+    ]
     assert each[0] != pytest.approx(each[1])
-    assert predict.classify(models, image)["lenet5"] == pytest.approx(
+    assert predict.classify(models, image)["lenet5"]["probs"] == pytest.approx(
         [(a + b) / 2 for a, b in zip(*each, strict=False)]
     )
+
+
+def test_a_model_that_refuses_says_not_a_digit_with_its_closest_guess(
+    one_epoch_run, images, monkeypatch, capsys
+):
+    load_models = predict.load_models
+
+    def strict(*args, **kwargs):  # lenet5's rule with a threshold no cosine similarity reaches
+        models = load_models(*args, **kwargs)
+        models["lenet5"][0].rule["thresholds"]["nearest"] = 1.5
+        return models
+
+    monkeypatch.setattr(predict, "load_models", strict)
+    seven = str(images / "seven.png")
+    assert predict.main([seven, "--run", str(one_epoch_run)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"  lenet5      not a digit \(closest: 7, \d+%\)", lines[1])
+    assert re.fullmatch(r"  mlp         7  \(7: .*\)", lines[2])
+    assert predict.main([seven, "--run", str(one_epoch_run), "--json"]) == 0
+    answer = json.loads(capsys.readouterr().out)["models"]
+    assert answer["lenet5"]["is_digit"] is False and answer["lenet5"]["digit"] == 7
+    assert answer["mlp"]["is_digit"] is True
+
+
+def test_a_run_made_before_rules_still_answers_says_so_once_and_resume_adds_them(
+    one_epoch_run, images, tmp_path, capsys
+):
+    old = shutil.copytree(one_epoch_run, tmp_path / "old")
+    for name in ("lenet5", "mlp", "lenet5_reg"):
+        (old / name / "rule.pt").unlink()
+    argv = [str(images / "seven.png"), str(images / "photo.jpg"), "--run", str(old), "--json"]
+    assert predict.main(argv) == 0
+    out, err = capsys.readouterr()
+    assert err == (
+        f"warning: {old}: made before not-a-digit rules, so lenet5, mlp, lenet5_reg cannot refuse"
+        f" an image; python main.py --resume {old} adds them\n"
+    )
+    answers = [json.loads(line)["models"] for line in out.splitlines()]
+    assert [a["lenet5"]["digit"] for a in answers] == [7, 2]
+    assert all(result["is_digit"] for a in answers for result in a.values())
+    assert main.main(["--resume", str(old), "--quiet"]) == 0
+    assert "nothing left to train" in capsys.readouterr().out
+    assert all((old / name / "rule.pt").is_file() for name in ("lenet5", "mlp", "lenet5_reg"))
+    assert predict.main(argv) == 0 and capsys.readouterr().err == ""
 
 
 def test_bad_images_are_one_line_each_and_the_others_still_answered(one_epoch_run, images, capsys):
@@ -413,6 +464,7 @@ def chromium():
 
 SEVEN = [[(60, 60), (220, 60), (120, 240)]]  # the top bar and the stem, in pad pixels (280x280)
 ZERO = [[(140 + 60 * np.sin(t), 140 - 95 * np.cos(t)) for t in np.linspace(0, 2 * np.pi, 40)]]
+LETTER_A = [[(70, 240), (140, 40), (210, 240)], [(100, 160), (180, 160)]]
 # {model: [the red channel of each map or unit canvas it drew, as a list]}
 DRAWN = """() => Object.fromEntries(["lenet5", "lenet5_reg", "mlp"].map(name => [name,
     [...document.querySelectorAll(`#${name} canvas`)].map(c =>
@@ -420,7 +472,23 @@ DRAWN = """() => Object.fromEntries(["lenet5", "lenet5_reg", "mlp"].map(name => 
             .filter((_, i) => i % 4 === 0)))]))"""
 
 
-def test_drawing_on_the_page_shows_each_models_digit(server, tmp_path):
+def draw(page, strokes):
+    """Clear the pad and draw ``strokes`` on it with the mouse."""
+    box = page.locator("#pad").bounding_box()
+    page.click("#clear")
+    for stroke in strokes:
+        page.mouse.move(box["x"] + stroke[0][0], box["y"] + stroke[0][1])
+        page.mouse.down()
+        for x, y in stroke[1:]:
+            page.mouse.move(box["x"] + x, box["y"] + y, steps=8)
+        page.mouse.up()
+
+
+def says(model, text):
+    return f"document.querySelector('#{model} .digit')?.textContent === '{text}'"
+
+
+def test_drawing_on_the_page_shows_each_models_digit_and_refuses_a_letter(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
     flags = [
@@ -433,20 +501,11 @@ def test_drawing_on_the_page_shows_each_models_digit(server, tmp_path):
         browser = playwright.chromium.launch(executable_path=chromium(), args=flags)
         page = browser.new_page(viewport={"width": 900, "height": 620})
         page.goto(server)
-        box = page.locator("#pad").bounding_box()
         seen = {}
         for strokes, digit in [(SEVEN, 7), (ZERO, 0)]:
-            page.click("#clear")
-            for stroke in strokes:
-                page.mouse.move(box["x"] + stroke[0][0], box["y"] + stroke[0][1])
-                page.mouse.down()
-                for x, y in stroke[1:]:
-                    page.mouse.move(box["x"] + x, box["y"] + y, steps=8)
-                page.mouse.up()
-            page.wait_for_function(
-                f"document.querySelector('#lenet5 .digit')?.textContent === '{digit}'",
-                timeout=20_000,
-            )
+            draw(page, strokes)
+            page.wait_for_function(says("lenet5_reg", digit), timeout=20_000)
+            page.wait_for_function(says("lenet5", digit), timeout=20_000)
             assert (
                 page.locator(".model").count() == 3 and page.locator("#lenet5 .bar").count() == 10
             )
@@ -454,6 +513,12 @@ def test_drawing_on_the_page_shows_each_models_digit(server, tmp_path):
                 "document.querySelectorAll('#mlp canvas.unit').length === 5", timeout=20_000
             )
             seen[digit] = page.evaluate(DRAWN)
+        draw(page, LETTER_A)
+        page.wait_for_function(says("lenet5_reg", "not a digit"), timeout=20_000)
+        # still shown, greyed: its probabilities and its maps
+        assert page.locator("#lenet5_reg.refused .bar").count() == 10
+        assert page.locator("#lenet5_reg.refused canvas.map").count() == 22
+        assert page.locator("#lenet5_reg .confidence").text_content().startswith("closest: ")
         screenshot = Path(os.environ.get("PREDICT_SCREENSHOT", tmp_path / "page.png"))
         page.screenshot(path=screenshot, full_page=True)
         browser.close()

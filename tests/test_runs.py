@@ -206,7 +206,16 @@ def test_every_run_ends_with_its_table_and_the_plot_command_even_with_nothing_le
             assert main.main(argv) == 0
         out = capsys.readouterr().out
         table = out[out.index("model ") :].splitlines()
-        assert table[0].split() == ["model", "seed", "epochs", "test", "acc", "minutes"]
+        assert table[0].split() == [
+            "model",
+            "seed",
+            "epochs",
+            "test",
+            "acc",
+            "val",
+            "acc",
+            "minutes",
+        ]
         for line, (name, seed) in zip(
             table[1:5], [("mlp", 3), ("lenet5", 3), ("mlp", 4), ("lenet5", 4)], strict=False
         ):
