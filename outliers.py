@@ -21,6 +21,7 @@ Fashion-MNIST's test images where they are installed (Debian's dataset-fashion-m
 """
 
 import contextlib
+import functools
 import math
 from pathlib import Path
 
@@ -289,6 +290,7 @@ def draw_scribbles(draw, rng, width):
 MAKERS = {"strokes": draw_strokes, "shapes": draw_shapes, "scribbles": draw_scribbles}
 
 
+@functools.lru_cache(maxsize=2)  # made once a process: plot.py reports runs one after another
 def made_sets(count=500, seed=MADE_SEED):
     """{set name: ``count`` non-digits drawn dark on a white page with a pen 6 to 13 pixels wide,
     made to look like MNIST digits by preprocess.to_mnist}, normalized; the same for a seed."""
@@ -304,6 +306,7 @@ def made_sets(count=500, seed=MADE_SEED):
     return sets
 
 
+@functools.lru_cache(maxsize=2)
 def fashion(path=FASHION):
     """Fashion-MNIST's 10,000 test images, normalized as MNIST's are; None where not installed."""
     try:
@@ -350,7 +353,7 @@ def shares(m, score):
 def report(jobs, test_set):
     """(the calibration figure, report.md's lines) for ``jobs``, (name, seed, folder, model) each;
     a job without a rule is named in one line (and the figure is None when no job has one)."""
-    others = made_sets()
+    others = dict(made_sets())  # a copy: the cached sets stay as they are
     if (images := fashion()) is not None:
         others["Fashion-MNIST"] = images
     measured, missing = {}, []

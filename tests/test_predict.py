@@ -1,6 +1,7 @@
 """predict.py: MNIST's preprocessing for any image, the command line, the endpoint, and the page in
 a real browser."""
 
+import base64
 import contextlib
 import io
 import json
@@ -501,7 +502,7 @@ def test_drawing_on_the_page_shows_each_models_digit_and_refuses_a_letter(server
         browser = playwright.chromium.launch(executable_path=chromium(), args=flags)
         page = browser.new_page(viewport={"width": 900, "height": 620})
         page.goto(server)
-        seen = {}
+        seen, computed = {}, {}
         for strokes, digit in [(SEVEN, 7), (ZERO, 0)]:
             draw(page, strokes)
             page.wait_for_function(says("lenet5_reg", digit), timeout=20_000)
@@ -512,7 +513,11 @@ def test_drawing_on_the_page_shows_each_models_digit_and_refuses_a_letter(server
             page.wait_for_function(
                 "document.querySelectorAll('#mlp canvas.unit').length === 5", timeout=20_000
             )
+            page.wait_for_function("() => !pending && !again", timeout=20_000)  # the last answer
             seen[digit] = page.evaluate(DRAWN)
+            pad = page.evaluate("document.getElementById('pad').toDataURL('image/png')")
+            _, answer = request(f"{server}/predict", base64.b64decode(pad.split(",", 1)[1]))
+            computed[digit] = answer["inside"]
         draw(page, LETTER_A)
         page.wait_for_function(says("lenet5_reg", "not a digit"), timeout=20_000)
         # still shown, greyed: its probabilities and its maps
@@ -525,9 +530,10 @@ def test_drawing_on_the_page_shows_each_models_digit_and_refuses_a_letter(server
     # LeNet-5's 6 + 16 maps, the same for lenet5_reg, the MLP's 5 units
     for digit, drawn in seen.items():
         assert [len(drawn[k]) for k in ("lenet5", "lenet5_reg", "mlp")] == [22, 22, 5]
-        assert all(any(pixels) for maps in drawn.values() for pixels in maps), (
-            f"a blank map for the {digit}"
-        )
+        for name in ("lenet5", "lenet5_reg"):  # each map drawn as the server computed it
+            maps = [m for layer in ("conv1", "conv2") for m in computed[digit][name][layer]]
+            assert [np.ravel(m).tolist() for m in maps] == drawn[name], (name, digit)
+        assert all(any(pixels) for pixels in drawn["mlp"]), f"a blank unit for the {digit}"
     for name in ("lenet5", "lenet5_reg"):  # what the models saw differs between a 7 and a 0
         assert sum(a != b for a, b in zip(seen[7][name], seen[0][name], strict=False)) >= 20
     with Image.open(screenshot) as shot:
