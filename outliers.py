@@ -229,7 +229,8 @@ def auroc(digits, others):
 PAGE_SIDE = 140  # pixels of the page a made non-digit is drawn on
 
 
-def _line(rng, centre, length, angle):
+def _line(centre, length, angle):
+    """The two ends of a line through ``centre``."""
     dx, dy = math.cos(angle) * length / 2, math.sin(angle) * length / 2
     return [(centre[0] - dx, centre[1] - dy), (centre[0] + dx, centre[1] + dy)]
 
@@ -244,22 +245,18 @@ def draw_strokes(draw, rng, width):
     else:
         angles = [turn + k * math.pi / (kind + 1) for k in range(kind + 1)]
     for angle in angles:
-        draw.line(_line(rng, centre, length * rng.uniform(0.8, 1), angle), fill=0, width=width)
+        draw.line(_line(centre, length * rng.uniform(0.8, 1), angle), fill=0, width=width)
 
 
 def _polygon(rng, corners, inner=1.0):
     """A polygon around the page's middle, its corners at even turns, every other one at ``inner``
     of the radius (a star)."""
     centre, radius, turn = rng.uniform(60, 80, 2), rng.uniform(35, 55), rng.uniform(0, 2 * math.pi)
-    return [
-        (
-            centre[0]
-            + radius * (inner if k % 2 else 1) * math.cos(turn + 2 * math.pi * k / corners),
-            centre[1]
-            + radius * (inner if k % 2 else 1) * math.sin(turn + 2 * math.pi * k / corners),
-        )
-        for k in range(corners)
-    ]
+    points = []
+    for k in range(corners):
+        r, angle = radius * (inner if k % 2 else 1), turn + 2 * math.pi * k / corners
+        points.append((centre[0] + r * math.cos(angle), centre[1] + r * math.sin(angle)))
+    return points
 
 
 def draw_shapes(draw, rng, width):
