@@ -53,7 +53,7 @@ import outliers
 import plot
 import robustness
 import runs
-from dataset import MEAN, MNIST, STD, batch_loader, find_splits, to_unit
+from dataset import MEAN, MNIST, STD, batch_loader, find_splits, load_splits, to_unit
 from model import MODELS, CustomMLP, LeNet5, LeNet5Regularized
 
 BATCH = 32
@@ -331,13 +331,17 @@ def epoch_times(args, name, defaults, project, textbook):
     return epoch
 
 
+def where():
+    """The line every benchmark starts with: torch, its threads, the CPU."""
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine.cpu_name()}"
+
+
 def training_bench(args):
     """The data paths and the training loops: print their table, return every number."""
     loads, samples, epochs = timings(args)
     device = args.device
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    where = f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine.cpu_name()}"
-    print(where + (f", {gpu}" if gpu else ""))
+    print(where() + (f", {gpu}" if gpu else ""))
     print(f"device {device}, steps {args.steps} x batch {BATCH}, median of {args.repeats}\n")
     first, cached = loads["first"], loads["cached"]
     print(f"loading train.tar: first {first:.2f} s (decode + cache), cached {cached:.2f} s\n")
@@ -399,7 +403,7 @@ def sweep_bench(run_dir):
     robustness.sweep(models, to_unit(test_set.images), test_set.labels)
     seconds = time.perf_counter() - start
     settings = sum(len(f.strengths) - 1 for f in robustness.FAMILIES.values())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine.cpu_name()}")
+    print(where())
     print(
         f"robustness.sweep of {', '.join(models)} on {len(test_set):,} test digits,"
         f" {len(robustness.FAMILIES)} families ({settings} settings): {seconds:.1f} s"
@@ -411,8 +415,9 @@ def rule_bench(run_dir):
     """--rule: seconds for outliers.write_rule with the first seed's final weights of each model,
     on the run's own training and validation splits, as main.py calls it when a job ends."""
     cfg = runs.read_config(run_dir)
-    train_path, _ = find_splits(cfg["data_dir"], cfg["idx_dir"])
-    train_set = MNIST(train_path, limit=cfg["train_limit"])
+    train_set, _ = load_splits(
+        cfg["data_dir"], cfg["idx_dir"], torch.device("cpu"), cfg["train_limit"], cfg["test_limit"]
+    )
     train_set, val_set = train_set.held_out(cfg["val_size"])
     seconds = {}
     with tempfile.TemporaryDirectory() as out:
@@ -422,7 +427,7 @@ def rule_bench(run_dir):
                 start = time.perf_counter()
                 outliers.write_rule(out, model, train_set, val_set)
                 seconds[name] = time.perf_counter() - start
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {machine.cpu_name()}")
+    print(where())
     each = ", ".join(f"{name} {s:.2f} s" for name, s in seconds.items())
     print(f"fitting each model's rule: {each}; {sum(seconds.values()):.2f} s in all")
     return {"torch": torch.__version__, "cpu": machine.cpu_name(), "rule_s": seconds}

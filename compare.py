@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from robustness import FAMILIES, jobs_by_model, unpacked
+from robustness import FAMILIES, jobs_by_model, kind, unpacked
 
 RESAMPLES = 2000
 BOOTSTRAP_SEED = 20261207
@@ -156,9 +156,8 @@ def report_lines(sweep):
     for a, b in pairs:
         for measure, title in MEASURES.items():
             for seed, result in comparisons(models[a], models[b], measure).items():
-                which = "pooled" if seed == "pooled" else seed
                 lines.append(
-                    f"| {a} − {b} | {title} | {which} | {cell(result)} | {result['verdict']} |"
+                    f"| {a} − {b} | {title} | {seed} | {cell(result)} | {result['verdict']} |"
                 )
     return lines + family_lines(models, *pairs[0])
 
@@ -167,11 +166,10 @@ def family_lines(models, a, b):
     """The first pair's comparison on each family, pooled over the seeds."""
     lines = ["", f"{a} − {b} on each family, over its five strengths, pooled over the seeds:", ""]
     lines += ["| family | | difference [95% interval], McNemar p | verdict |", "|---|---|---|---|"]
-    for family, f in FAMILIES.items():
+    for family in FAMILIES:
         result = comparisons(models[a], models[b], family)
         result = result.get("pooled", next(iter(result.values())))
-        kind = "trained on" if f.trained_on else "held out"
-        lines.append(f"| {family} | {kind} | {cell(result)} | {result['verdict']} |")
+        lines.append(f"| {family} | {kind(family)} | {cell(result)} | {result['verdict']} |")
     return lines
 
 

@@ -96,7 +96,7 @@ def fit_temperature(logits, labels):
 def scores(rule, logits, features):
     """(calibrated probabilities, {score name: one value per image, higher for a digit})."""
     t = rule["temperature"]
-    probs = (logits / t).softmax(1)
+    probs = calibrated(rule, logits)
     bank = rule["bank"].to(features.device, torch.float32)
     k = min(rule["k"], len(bank))
     nearest = torch.cat(  # a thousand images at a time: the similarities of 10,000 would be 800 MB
@@ -139,24 +139,21 @@ def write_rule(folder, model, train_set, val_set):
     images; the temperature and thresholds from the validation split, or in a run that holds none
     out, from the last training images (which the model trained on: its rule then keeps fewer
     unseen digits than KEEP)."""
-    if val_set is not None:
-        bank, digits, labels = train_set.normalized, val_set.normalized, val_set.labels
-    else:
-        fit = min(FIT, len(train_set) // 2)
-        bank, digits, labels = (
-            train_set.normalized[:-fit],
-            train_set.normalized[-fit:],
-            train_set.labels[-fit:],
-        )
-    rule = fit_rule(model, bank, digits, labels)
+    bank_set, fit_set = (
+        (train_set, val_set)
+        if val_set is not None
+        else train_set.held_out(min(FIT, len(train_set) // 2))
+    )
+    rule = fit_rule(model, bank_set.normalized, fit_set.normalized, fit_set.labels)
     rule["fitted_on"] = "validation" if val_set is not None else "training"
     with atomic_open(Path(folder) / RULE) as f:
         torch.save(rule, f)
 
 
-def load_rule(folder):
-    """A job folder's rule, its bank as float32; None for a run made before rules; RunError naming
-    the file when it is damaged."""
+def load_rule(folder, bank=True):
+    """A job folder's rule, its bank as float32 (without ``bank``, a rule without one, which
+    calibrates but cannot refuse); None for a run made before rules; RunError naming the file when
+    it is damaged."""
     path = Path(folder) / RULE
     if not path.is_file():
         return None
@@ -167,7 +164,10 @@ def load_rule(folder):
         ]
         if missing:
             raise ValueError(f"it has no {missing[0]!r}")
-        rule["bank"] = rule["bank"].float()
+        if bank:
+            rule["bank"] = rule["bank"].float()
+        else:
+            del rule["bank"]
         float(rule["thresholds"][rule["score"]])  # its score has a threshold, a number
     # a truncated zip, a foreign pickle, a field missing: any failure makes the rule unusable
     except Exception as e:
@@ -177,7 +177,7 @@ def load_rule(folder):
 
 def can_refuse(rule):
     """Whether ``rule`` can say "not a digit": a whole rule, not None (a run made before rules) nor
-    a temperature alone (what predict.load_models keeps of a seed after the first)."""
+    a rule loaded without its bank (what predict.load_models keeps of a seed after the first)."""
     return rule is not None and "bank" in rule
 
 

@@ -42,8 +42,8 @@ PAGE = Path(__file__).with_name("predict.html")
 
 def load_models(run, names=None):
     """{model name: [model per seed]}: the final weights of the jobs the run's config.json lists,
-    each with its not-a-digit rule as ``model.rule`` (None in a run made before rules; of a seed
-    after the first, only the temperature); RunError naming what is wrong."""
+    each with its not-a-digit rule as ``model.rule`` (None in a run made before rules; a seed after
+    the first's without its bank); RunError naming what is wrong."""
     run_dir = runs.find_run(run)
     if not run_dir.is_dir():
         raise RunError(f"{run}: no such run folder; train first: python main.py")
@@ -54,9 +54,8 @@ def load_models(run, names=None):
     models = {}
     for name, _, folder in runs.trained_jobs(run_dir):
         model = runs.load_model(folder)[0]
-        model.rule = outliers.load_rule(folder)
-        if name in models and model.rule is not None:  # only a first seed's rule decides (classify)
-            model.rule = {"temperature": model.rule["temperature"]}  # its bank is 32 MB or more
+        # only a first seed's rule decides (classify): the others' banks, 32 MB or more, stay out
+        model.rule = outliers.load_rule(folder, bank=name not in models)
         models.setdefault(name, []).append(model)
     if names:
         missing = [name for name in names if name not in models]
@@ -394,10 +393,9 @@ def main(argv=None):
         cli.error(e)
         return 1
     if old := [name for name, seeds in models.items() if any(m.rule is None for m in seeds)]:
-        run_dir = runs.find_run(args.run)
         cli.warning(
-            f"{run_dir}: made before not-a-digit rules, so {', '.join(old)} cannot refuse an"
-            f" image; {cli.command('python', 'main.py', '--resume', run_dir)} adds them"
+            f"{args.run}: made before not-a-digit rules, so {', '.join(old)} cannot refuse an"
+            f" image; {cli.command('python', 'main.py', '--resume', args.run)} adds them"
         )
     if not args.serve:
         return 1 if predict_files(models, args.images, args.json, args.view) else 0
