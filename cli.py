@@ -75,6 +75,18 @@ def comma_list(text, what, kind=str, description=None):
     return values
 
 
+def names(text, what, known, also=""):
+    """A comma list of names from ``known``; ``also``: what else the error offers."""
+    values = comma_list(text, what)
+    unknown = [value for value in values if value not in known]
+    if unknown or not values:
+        choices = ", ".join(known)
+        raise argparse.ArgumentTypeError(
+            f"unknown {what} {', '.join(unknown)}; choose from {choices}{also}"
+        )
+    return values
+
+
 def first_line(error):
     """The first line of an exception's message, or its type's name when it has none: what a
     one-line message quotes of an error from below (torch, a tar, the network)."""

@@ -231,17 +231,19 @@ class MNIST(Dataset):
     def __len__(self):
         return len(self.labels)
 
-    def distorted(self):
-        """This split with every image distorted by ``distort``, a new draw at each call (torch's
-        global RNG): lenet5_reg's training set for one epoch. The labels and uint8 images are
-        shared.
+    def distorted(self, without=()):
+        """This split with every image distorted by ``distort`` (leaving out the parts ``without``
+        names), a new draw at each call (torch's global RNG): lenet5_reg's training set for one
+        epoch. The labels and uint8 images are shared.
 
         The whole split is distorted at once, a chunk at a time, before its batches are served: a
         batch of 32 is too small for the distortion's many small operations to be cheap.
         """
         split = copy.copy(self)
         chunks = self.images.split(DISTORT_CHUNK)
-        split.normalized = torch.cat([normalize(distort(to_unit(chunk))) for chunk in chunks])
+        split.normalized = torch.cat(
+            [normalize(distort(to_unit(chunk), without)) for chunk in chunks]
+        )
         split.augmented = True
         return split
 

@@ -147,6 +147,43 @@ def salt_and_pepper(batch, fraction, generator=None):
     return batch.masked_fill((draw >= fraction / 2) & (draw < fraction), 1.0)
 
 
+def hollow(batch, width, steps=2):
+    """Hollow strokes: each stroke's outline, ``width`` pixels thick, its inside taken out (the
+    image less its erosion by ``width``); a stroke no thicker than twice ``width`` stays whole."""
+    return (batch - thinner(batch, width, steps)).clamp(0, 1)
+
+
+def strokes(batch, width, darkness, generator=None):
+    """One free stroke over each image, as a crossing-out or a stray pen line: a quadratic curve
+    from a point of the digit's 20x20 box to another 8 to 24 pixels away, bent up to a third of
+    its length to either side, ``width`` pixels wide (1 to 3) and ``darkness`` bright (per image
+    or one for the batch); pixels keep the brighter of the stroke and the image.
+
+    The curve is drawn as 64 points, each shared among its four nearest pixels (a pixel keeps its
+    largest share: a line one pixel wide, anti-aliased), then thickened."""
+    n, _, height, side = batch.shape
+    device, dtype = batch.device, batch.dtype
+    u = torch.rand(n, 5, generator=generator, device=device, dtype=dtype)
+    start = 4 + 20 * u[:, :2]
+    angle, length = 2 * math.pi * u[:, 2], 8 + 16 * u[:, 3]
+    end = start + length.unsqueeze(1) * torch.stack([angle.cos(), angle.sin()], 1)
+    normal = torch.stack([-angle.sin(), angle.cos()], 1)
+    control = (start + end) / 2 + ((u[:, 4:] - 0.5) * 2 / 3 * length.unsqueeze(1)) * normal
+    t = torch.linspace(0, 1, 64, device=device, dtype=dtype).view(1, -1, 1)
+    curve = (1 - t) ** 2 * start.unsqueeze(1) + 2 * t * (1 - t) * control.unsqueeze(1)
+    curve = curve + t**2 * end.unsqueeze(1) - 0.5  # (N, 64, 2), in pixel indices
+    corner = curve.floor()
+    line = torch.zeros(n, height * side, device=device, dtype=dtype)
+    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        x, y = corner[..., 0] + dx, corner[..., 1] + dy
+        share = (1 - (curve[..., 0] - x).abs()) * (1 - (curve[..., 1] - y).abs())
+        inside = (x >= 0) & (x < side) & (y >= 0) & (y < height)
+        index = (y.clamp(0, height - 1) * side + x.clamp(0, side - 1)).long()
+        line.scatter_reduce_(1, index, share * inside, "amax")
+    line = thicker(line.view(n, 1, height, side), (_per_image(width, batch) - 1) / 2)
+    return torch.maximum(batch, line * _per_image(darkness, batch))
+
+
 # ------------------------------------------------------------ the recipe
 
 # lenet5_reg's training augmentation: broad ranges of the ways people's digits differ from MNIST's
@@ -171,7 +208,14 @@ LOOKS = {
     "grey": lambda batch, u, v: grey(batch, u, v),
     "noisy": lambda batch, u, v: noise(batch, 0.6 * u),
     "speckled": lambda batch, u, v: salt_and_pepper(batch, 0.3 * u),
+    # the outline of the ink, 0.5 to 1.5 pixels thick
+    "hollow": lambda batch, u, v: hollow(batch, 0.5 + u),
 }
+# Free strokes across the digit, after the look: one on a STROKE_SHARE of the images, a second on
+# half of those; each 1 to 3 pixels wide and 0.4 to 1 bright.
+STROKE_SHARE = 0.3
+# The parts ``--augment-without`` may leave out: the looks, and the free strokes.
+PARTS = (*LOOKS, "strokes")
 # Images distorted together: few enough that the blur's sigma varies often.
 DISTORT_CHUNK = 1024
 
@@ -192,21 +236,30 @@ def random_geometry(batch):
     )
 
 
-def distort(batch):
+def distort(batch, without=()):
     """lenet5_reg's augmentation of a (N, 1, 28, 28) batch: ``random_geometry`` on a GEOMETRY_SHARE
-    of the images, then one of LOOKS on a LOOK_SHARE of them, a draw of its own for each image.
-    It draws from torch's global RNGs, so seeding torch repeats it."""
+    of the images, then one of LOOKS on a LOOK_SHARE of them, then free ``strokes`` on a
+    STROKE_SHARE of them, each a draw of its own for each image. The PARTS named in ``without`` are
+    left out (the ablations). It draws from torch's global RNGs, so seeding torch repeats it."""
     n, device = batch.shape[0], batch.device
     moved = torch.rand(n, device=device) < GEOMETRY_SHARE
     batch = torch.where(moved.view(n, 1, 1, 1), random_geometry(batch), batch)
-    look = torch.randint(len(LOOKS), (n,), device=device)
+    looks = [change for name, change in LOOKS.items() if name not in without]
+    look = torch.randint(len(looks), (n,), device=device)
     # -1: the look is kept
     look = look.masked_fill(torch.rand(n, device=device) >= LOOK_SHARE, -1)
     u, v = torch.rand(2, n, 1, 1, 1, device=device)
     out = batch.clone()
-    for k, change in enumerate(LOOKS.values()):
+    for k, change in enumerate(looks):
         # nonzero waits for the device: a few times per chunk, not per step
         chosen = (look == k).nonzero().squeeze(1)
         if len(chosen):
             out[chosen] = change(batch[chosen], u[chosen], v[chosen])
+    if "strokes" in without:
+        return out
+    crossed = torch.rand(n, device=device)
+    for share in (STROKE_SHARE, STROKE_SHARE / 2):
+        chosen = (crossed < share).nonzero().squeeze(1)
+        width, darkness = torch.rand(2, len(chosen), device=device)
+        out[chosen] = strokes(out[chosen], 1 + 2 * width, 0.4 + 0.6 * darkness)
     return out

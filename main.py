@@ -27,7 +27,8 @@ import outliers
 import runs
 from cli import DECIMAL, POSITIVE_DECIMAL, POSITIVE_WHOLE, WHOLE
 from dataset import TEST_BATCH_SIZE, DatasetError, batch_loader, load_splits
-from model import MODELS, num_params
+from distortions import PARTS
+from model import DROPOUT, MODELS, num_params
 from ranks import Ranks, RanksLost
 from runs import RunError, job_dir
 
@@ -156,13 +157,14 @@ def run_job(name, seed, cfg, out, train_set, test_set, device, prefix="", val_se
     val_loader = batch_loader(val_set, TEST_BATCH_SIZE) if val_set is not None else None
     # several ranks' bars would garble each other
     show_bar = sys.stdout.isatty() and not cfg["quiet"] and not prefix
+    augment = uses_augmentation(name, cfg)
 
     for epoch in range(done + 1, cfg["epochs"] + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         torch.manual_seed(epoch_seed(seed, epoch))
         generator.manual_seed(epoch_seed(seed, epoch))
-        epoch_set = train_set.distorted() if uses_augmentation(name, cfg) else train_set
+        epoch_set = train_set.distorted(cfg["augment_without"]) if augment else train_set
         trn_loader = batch_loader(epoch_set, cfg["batch_size"], generator)
         title = f"{name} {epoch}/{cfg['epochs']}"
         bar = tqdm(trn_loader, desc=title, leave=False, disable=not show_bar, mininterval=0.5)
@@ -210,14 +212,11 @@ def start_job(name, seed, cfg, out, device):
 
 
 def model_list(text):
-    names = list(MODELS) if text == "all" else cli.comma_list(text, "model")
-    unknown = [n for n in names if n not in MODELS]
-    if unknown or not names:
-        known = ", ".join(MODELS)
-        raise argparse.ArgumentTypeError(
-            f"unknown model {', '.join(unknown)}; choose from {known} or all"
-        )
-    return names
+    return list(MODELS) if text == "all" else cli.names(text, "model", MODELS, " or all")
+
+
+def part_list(text):
+    return cli.names(text, "part", PARTS)
 
 
 def seed_list(text):
@@ -261,9 +260,11 @@ def add_experiment_options(p):
     add(
         "--seeds", type=seed_list, help="comma list of seeds: each model once per seed, in seed<k>/"
     )
-    add("--dropout", type=DECIMAL, default=0.0, help="dropout rate of lenet5_reg (ablation: 0.25)")
+    add("--dropout", type=DECIMAL, default=DROPOUT, help="dropout rate of lenet5_reg (ablation: 0)")
     add("--no-batchnorm", action="store_true", help="lenet5_reg without BatchNorm (ablation)")
     add("--no-augment", action="store_true", help="lenet5_reg without data augmentation (ablation)")
+    parts = f"lenet5_reg's augmentation without these parts (ablation): {', '.join(PARTS)}"
+    add("--augment-without", type=part_list, default=[], metavar="PARTS", help=parts)
 
 
 def add_run_options(p):
@@ -349,8 +350,7 @@ def parse_args(argv=None, ranks=None):
 
 
 def main(argv=None):
-    """The command line; ``main()`` from a notebook runs the defaults (``python main.py`` passes its
-    arguments).
+    """The command line; ``main()`` from a notebook runs the defaults, ``python main.py`` its argv.
 
     Under torchrun each rank runs this: rank 0 prepares the data and makes the run folder, then
     every rank trains the jobs it takes from the shared queue, and rank 0 prints the run's table at

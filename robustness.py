@@ -39,12 +39,14 @@ from distortions import (
     blur,
     contrast,
     cover,
+    hollow,
     lift,
     noise,
     rotate,
     salt_and_pepper,
     shear,
     shift,
+    strokes,
     thicker,
     thinner,
     zoom,
@@ -131,7 +133,19 @@ FAMILIES = {
     "motion blur": held_out("length, pixels", [0, 2, 4, 6, 8, 10], corruptions.motion_blur),
     "elastic": held_out("pixels moved (rms)", [0, 0.4, 0.8, 1.2, 1.6, 2], corruptions.elastic),
     "coarse scan": held_out("scanned at, pixels", [28, 20, 16, 13, 11, 9], corruptions.coarse_scan),
+    # last, so that the families above keep their seeds
+    "strokes": trained("strokes across", [0, 1, 2, 3, 4, 5], lambda x, k, g: stroked(x, k, g)),
+    "hollow": trained(
+        "outline, pixels", [0, 2, 1.5, 1.25, 1, 0.75], lambda x, w, g: hollow(x, w, 2) if w else x
+    ),
 }
+
+
+def stroked(images, count, generator):
+    """``count`` free strokes over each image, 1.5 pixels wide, at full darkness."""
+    for _ in range(count):
+        images = strokes(images, 1.5, 1.0, generator)
+    return images
 
 
 def image_means(images):

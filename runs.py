@@ -43,6 +43,7 @@ EXPERIMENT = {
     "dropout": float,
     "no_batchnorm": bool,
     "no_augment": bool,
+    "augment_without": list,
     "train_limit": (int, type(None)),
     "test_limit": (int, type(None)),
     "val_size": int,
@@ -182,6 +183,8 @@ def read_config(run_dir):
         raise RunError(f"{path}: not a config.json of main.py (not a JSON object)")
     # a run's config.json may lack it: such a run held none out
     cfg.setdefault("val_size", 0)
+    # nor this: its augmentation had no free strokes and no hollow look
+    cfg.setdefault("augment_without", ["hollow", "strokes"])
     wrong = [key for key, kind in EXPERIMENT.items() if not _is(cfg.get(key), kind)]
     if not wrong:
         wrong = [key for key in ("model", "seeds") if not cfg[key]]

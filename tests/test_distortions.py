@@ -122,3 +122,51 @@ def test_contrast_scales_each_pixels_distance_from_the_centre_which_stays_put(di
         distortions.contrast(centre.expand_as(digits), factor, centre)[:, :, 0, 0],
         centre[:, :, 0, 0],
     )
+
+
+def test_free_strokes_only_add_ink_are_seeded_and_take_any_batch_size(digits):
+    def drawn(batch, seed, width=1.5, darkness=1.0):
+        return distortions.strokes(batch, width, darkness, torch.Generator().manual_seed(seed))
+
+    crossed = drawn(digits, 0)
+    assert torch.equal(drawn(digits, 0), crossed) and not torch.equal(drawn(digits, 1), crossed)
+    assert torch.all(crossed >= digits)  # ink added, none taken away
+    assert torch.all(((crossed - digits) > 0.3).flatten(1).sum(1) >= 2)  # on every image
+    for n in (0, 1, 3):
+        assert torch.equal(drawn(digits[:n], 0), crossed[:n])  # each image its own draw
+    blank = torch.zeros(256, 1, 28, 28)
+    # on an empty page: no brighter than its darkness, and wider strokes hold more ink
+    lines = [drawn(blank, 0, width, 0.7) for width in (1, 2, 3)]
+    assert all(0.65 < line.max() <= 0.7 for line in lines)
+    ink = [line.sum().item() for line in lines]
+    assert ink[0] < ink[1] < ink[2]
+
+
+def test_a_hollow_stroke_keeps_its_edge_and_loses_its_inside():
+    square = torch.zeros(1, 1, 28, 28)
+    square[..., 6:22, 6:22] = 1  # a stroke 16 pixels thick
+    hollow = distortions.hollow(square, 1.0)
+    ring = square.clone()
+    ring[..., 7:21, 7:21] = 0  # its outermost pixel all round
+    assert torch.equal(hollow, ring)  # ink kept on the edge, none inside or outside
+    bar = torch.zeros(1, 1, 28, 28)
+    bar[..., 6:22, 13:15] = 1  # 2 pixels thick: no inside to take out
+    assert torch.equal(distortions.hollow(bar, 1.0), bar)
+
+
+def test_the_augmentation_leaves_out_the_parts_it_is_told_to(digits, monkeypatch):
+    monkeypatch.setattr(distortions, "GEOMETRY_SHARE", 0.0)  # strokes only: no moves, no looks
+    monkeypatch.setattr(distortions, "LOOK_SHARE", 0.0)
+    torch.manual_seed(0)
+    stroked = distortions.distort(digits)
+    changed = (stroked != digits).flatten(1).any(1).float().mean().item()
+    assert torch.all(stroked >= digits) and changed == pytest.approx(
+        distortions.STROKE_SHARE, abs=0.08
+    )
+    torch.manual_seed(0)
+    assert torch.equal(distortions.distort(digits, without=("strokes",)), digits)
+    monkeypatch.setattr(distortions, "LOOK_SHARE", 1.0)  # every image hollow
+    others = [part for part in distortions.PARTS if part != "hollow"]
+    torch.manual_seed(0)
+    hollow = distortions.distort(digits, without=others)
+    assert torch.all(hollow <= digits) and torch.all((hollow < digits).flatten(1).any(1))

@@ -2,7 +2,16 @@ import pytest
 import torch
 
 import model
-from model import MODELS, CustomMLP, LeNet5, LeNet5Regularized, format_table, inside, num_params
+from model import (
+    DROPOUT,
+    MODELS,
+    CustomMLP,
+    LeNet5,
+    LeNet5Regularized,
+    format_table,
+    inside,
+    num_params,
+)
 
 LENET5_PARAMS = 61_706
 
@@ -66,7 +75,8 @@ def test_eval_mode_is_deterministic_and_train_mode_dropout_is_not(name):
         assert torch.equal(net(x), net(x))
         assert torch.equal(net(x[:1]), net(x[:1]))
     if name == "lenet5_reg":
-        net = MODELS[name](dropout=0.25).train()
+        net = MODELS[name]().train()  # the default model: Dropout on, as the design asks
+        assert net.dropout.p == DROPOUT > 0
         with torch.no_grad():
             assert not torch.equal(net(x), net(x))  # dropout is live in training mode
 

@@ -284,6 +284,18 @@ def test_a_config_of_the_wrong_shape_is_one_line(mnist_dir, tmp_path, capsys, co
     assert err.count("\n") == 1 and err.startswith(f"error: {run_dir / 'config.json'}: not")
 
 
+def test_a_run_made_before_the_added_ink_resumes_with_the_augmentation_it_began_with(
+    mnist_dir, tmp_path
+):
+    run_dir = small_run(mnist_dir, tmp_path)
+    path = run_dir / "config.json"
+    assert runs.read_config(run_dir)["augment_without"] == []  # a new run: the whole recipe
+    config = json.loads(path.read_text())
+    del config["augment_without"]  # as main.py wrote it before the free and hollow strokes
+    path.write_text(json.dumps(config))
+    assert runs.read_config(run_dir)["augment_without"] == ["hollow", "strokes"]
+
+
 def test_a_full_disk_while_a_checkpoint_is_written_loses_nothing(
     mnist_dir, tmp_path, monkeypatch, capsys
 ):
