@@ -240,11 +240,8 @@ class MNIST(Dataset):
         batch of 32 is too small for the distortion's many small operations to be cheap.
         """
         split = copy.copy(self)
-        chunks = self.images.split(DISTORT_CHUNK)
-        split.normalized = torch.cat(
-            [normalize(distort(to_unit(chunk), without)) for chunk in chunks]
-        )
-        split.augmented = True
+        distorted = [distort(to_unit(chunk), without) for chunk in self.images.split(DISTORT_CHUNK)]
+        split.normalized, split.augmented = normalize(torch.cat(distorted)), True
         return split
 
     def held_out(self, size):
