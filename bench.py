@@ -17,9 +17,10 @@ Seconds to load train.tar the first time (every PNG decoded) and from the cache,
     textbook  the textbook loader and an eager loop that calls loss.item() every step,
     plain     an eager loop over in-memory normalized tensors (NCHW, plain SGD, .item() each step),
     main      main.train() over batch_loader(), as python main.py runs it (for lenet5_reg, over the
-              split that MNIST.distorted() augments once per epoch, its time added to the epoch's);
+              split that main.epoch_split() distorts and adds non-digits to once per epoch, that
+              time added, and the steps its non-digits add counted);
     on CUDA also  main.train() with every kernel launched from Python (no CUDA graph);
-    for lenet5_reg also  main.train() without its augmentation, to give the augmentation's cost.
+    for lenet5_reg also  main.train() without its augmentation and non-digits: what they cost.
 Every time is the median of --repeats interleaved runs; epochs are extrapolated from --steps steps.
 With --page, the drawing page's endpoint instead (bench_page.py); with --sweep, the seconds that
 robustness.sweep takes over every family for one seed of each model, as plot.py runs it; with
@@ -196,7 +197,7 @@ def main_epoch(name, cfg, train_set, steps, cuda_graph=True):
         batch_loader(train_set, BATCH, torch.Generator().manual_seed(0)), steps
     )
     training.train(
-        model, batches, train_set.device, torch.nn.CrossEntropyLoss(), optimizer, cuda_graph
+        model, batches, train_set.device, training.loss(name, cfg), optimizer, cuda_graph
     )
 
 
@@ -304,7 +305,9 @@ def epoch_times(args, name, defaults, project, textbook):
     """Seconds per epoch of each training loop of model ``name``, extrapolated from --steps."""
     steps, device = args.steps, args.device
     augmented = training.uses_augmentation(name, defaults)
-    served = project.distorted() if augmented else project  # one epoch's distorted split
+    # one epoch's split: distorted, and with its non-digits (exposure.py), which add steps
+    served = training.epoch_split(name, defaults, project)
+    longer = len(served) / len(project)
     baseline = BASELINE_MODELS[name]
     loops = {
         "textbook": lambda: textbook_epoch(baseline(), textbook_loader(textbook), steps, device),
@@ -315,7 +318,8 @@ def epoch_times(args, name, defaults, project, textbook):
         loops["main_no_graph"] = lambda: main_epoch(name, defaults, served, steps, False)
     if augmented:
         loops["main_no_augment"] = lambda: main_epoch(name, defaults, project, steps)
-        loops["distort"] = project.distorted  # once per epoch, for the whole split
+        # once per epoch, for the whole split
+        loops["distort"] = lambda: training.epoch_split(name, defaults, project)
     for loop in loops.values():  # warm-up: first calls allocate and pick kernels
         loop()
     times = {loop: [] for loop in loops}
@@ -327,7 +331,7 @@ def epoch_times(args, name, defaults, project, textbook):
         distort = epoch.pop("distort") * steps / EPOCH_STEPS
         for loop in ("main", "main_no_graph"):
             if loop in epoch:
-                epoch[loop] += distort
+                epoch[loop] = epoch[loop] * longer + distort
     return epoch
 
 
@@ -386,7 +390,7 @@ def print_epochs(epochs):
         if "main_no_augment" in t:
             ratio = ratios[name]["augmented/not"] = t["main"] / t["main_no_augment"]
             print(
-                f"{name}'s augmentation: {t['main']:.2f} s per epoch with it,"
+                f"{name}'s augmentation and non-digits: {t['main']:.2f} s per epoch with them,"
                 f" {t['main_no_augment']:.2f} s without ({ratio:.2f}x)"
             )
     return ratios

@@ -22,11 +22,12 @@ import torch
 from tqdm import tqdm
 
 import cli
+import exposure
 import machine
 import outliers
 import runs
 from cli import DECIMAL, POSITIVE_DECIMAL, POSITIVE_WHOLE, WHOLE
-from dataset import TEST_BATCH_SIZE, DatasetError, batch_loader, load_splits
+from dataset import TEST_BATCH_SIZE, batch_loader
 from distortions import PARTS
 from model import DROPOUT, MODELS, num_params
 from ranks import Ranks, RanksLost
@@ -94,7 +95,8 @@ def summarize(criterion, outputs, targets):
     an exact count divided in Python: no float64 on the device, which MPS does not have.
     """
     logits, labels = torch.cat(outputs), torch.cat(targets)
-    return criterion(logits, labels).item(), (logits.argmax(1) == labels).sum().item() / len(labels)
+    right, digits = (logits.argmax(1) == labels).sum().item(), (labels >= 0).sum().item()
+    return criterion(logits, labels).item(), right / digits  # non-digits (exposure.py) not counted
 
 
 def epoch_seed(seed, epoch):
@@ -112,6 +114,20 @@ def model_kwargs(name, cfg):
 
 def uses_augmentation(name, cfg):
     return name == "lenet5_reg" and not cfg["no_augment"]
+
+
+def epoch_split(name, cfg, train_set):
+    """One epoch's training set: lenet5_reg's distorted anew, with its non-digits (exposure.py)."""
+    augment = uses_augmentation(name, cfg)
+    split = train_set.distorted(cfg["augment_without"]) if augment else train_set
+    if name == "lenet5_reg" and cfg["non_digits"]:
+        split = exposure.exposed(split, cfg["non_digits"], cfg["augment_without"], augment)
+    return split
+
+
+def loss(name, cfg):
+    exposed = name == "lenet5_reg" and cfg["non_digits"]
+    return exposure.ExposureLoss() if exposed else torch.nn.CrossEntropyLoss()
 
 
 # ------------------------------------------------------------ one model
@@ -149,7 +165,7 @@ def run_job(name, seed, cfg, out, train_set, test_set, device, prefix="", val_se
     already complete). Each epoch's line starts with ``prefix`` (the rank, under torchrun) and gives
     the accuracy on ``val_set`` (the validation split), if any."""
     model, optimizer, scheduler, stats = start_job(name, seed, cfg, out, device)
-    criterion = torch.nn.CrossEntropyLoss()
+    criterion = loss(name, cfg)
     done = len(stats["epochs"])
 
     generator = torch.Generator()
@@ -157,14 +173,13 @@ def run_job(name, seed, cfg, out, train_set, test_set, device, prefix="", val_se
     val_loader = batch_loader(val_set, TEST_BATCH_SIZE) if val_set is not None else None
     # several ranks' bars would garble each other
     show_bar = sys.stdout.isatty() and not cfg["quiet"] and not prefix
-    augment = uses_augmentation(name, cfg)
 
     for epoch in range(done + 1, cfg["epochs"] + 1):
         start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         torch.manual_seed(epoch_seed(seed, epoch))
         generator.manual_seed(epoch_seed(seed, epoch))
-        epoch_set = train_set.distorted(cfg["augment_without"]) if augment else train_set
+        epoch_set = epoch_split(name, cfg, train_set)
         trn_loader = batch_loader(epoch_set, cfg["batch_size"], generator)
         title = f"{name} {epoch}/{cfg['epochs']}"
         bar = tqdm(trn_loader, desc=title, leave=False, disable=not show_bar, mininterval=0.5)
@@ -219,6 +234,10 @@ def part_list(text):
     return cli.names(text, "part", PARTS)
 
 
+def source_list(text):
+    return [] if text == "none" else cli.names(text, "source", exposure.SOURCES, " or none")
+
+
 def seed_list(text):
     return cli.comma_list(text, "seed", int, "comma-separated whole numbers")
 
@@ -231,7 +250,6 @@ def run_name(text):
     return text
 
 
-VAL_SIZE = 5_000  # training images held out by default: the not-a-digit rule is fitted on them
 # Options that say where and how to run, not what: the only ones --resume takes besides itself.
 RESUME_OPTIONS = {"resume", "data_dir", "idx_dir", "device", "threads", "quiet"}
 
@@ -265,6 +283,8 @@ def add_experiment_options(p):
     add("--no-augment", action="store_true", help="lenet5_reg without data augmentation (ablation)")
     parts = f"lenet5_reg's augmentation without these parts (ablation): {', '.join(PARTS)}"
     add("--augment-without", type=part_list, default=[], metavar="PARTS", help=parts)
+    sources = f"lenet5_reg's non-digits: {', '.join(exposure.SOURCES)}, or none (ablation)"
+    add("--non-digits", type=source_list, default=exposure.sources(), help=sources)
 
 
 def add_run_options(p):
@@ -283,7 +303,7 @@ def add_run_options(p):
     add("--run-name", type=run_name, help="name of this run's folder; the time when not given")
     add("--train-limit", type=POSITIVE_WHOLE, help="use only the first N training images")
     add("--test-limit", type=POSITIVE_WHOLE, help="use only the first N test images")
-    val = f"hold out the last N training images (unset: {VAL_SIZE:,}, or a tenth of fewer)"
+    val = f"hold out the last N training images (unset: {runs.VAL_SIZE:,}, or a tenth of fewer)"
     add("--val-size", type=WHOLE, help=val + ": the validation split, which the rule is fitted on")
     add("--resume", type=Path, metavar="RUN_DIR", help="continue this run with its saved settings")
     add("--quiet", action="store_true", help="no progress bar")
@@ -401,7 +421,7 @@ def start_run(args, ranks):
             cli.error(f"{e}; every machine must see --out-dir at the same path", prefix)
             return 1
     try:
-        train_set, test_set = load_data(args, cfg, prefix)
+        train_set, test_set = runs.load_data(args, cfg, prefix)
     except KeyboardInterrupt:
         written = "" if ranks.rank else ": no run was written"
         print(f"\n{prefix}interrupted before training{written}", file=sys.stderr)
@@ -414,26 +434,6 @@ def start_run(args, ranks):
     if code:
         return code
     return train_all(run_dir, cfg, train_set, test_set, args.device, ranks)
-
-
-def load_data(args, cfg, prefix):
-    """(training set, test set) of the run, on its device; (None, None) when they are unusable, and
-    it has said why."""
-    data_dir = args.data_dir or cfg["data_dir"]
-    try:
-        sets = load_splits(
-            data_dir, cfg["idx_dir"], args.device, cfg["train_limit"], cfg["test_limit"]
-        )
-    except DatasetError as e:
-        cli.error(e, prefix)
-        return None, None
-    if cfg["val_size"] is None:
-        cfg["val_size"] = min(VAL_SIZE, len(sets[0]) // 10)
-    if cfg["val_size"] > len(sets[0]) - 2:
-        left = f"fewer than 2 of the {len(sets[0])} training images to train on"
-        cli.error(f"--val-size {cfg['val_size']} leaves {left}", prefix)
-        return None, None
-    return sets
 
 
 def train_all(run_dir, cfg, train_set, test_set, device, ranks=None):

@@ -23,11 +23,14 @@ from pathlib import Path
 import torch
 
 import cli
+import exposure
 import machine
+from dataset import DatasetError, load_splits
 from files import atomic_open, write_json, write_text
 from model import MODELS
 
 LATEST = "latest"
+VAL_SIZE = 5_000  # training images held out by default: the not-a-digit rule is fitted on them
 EPOCH_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds")
 # The experiment's settings in config.json, with their types: a resumed run takes exactly these.
 EXPERIMENT = {
@@ -44,6 +47,7 @@ EXPERIMENT = {
     "no_batchnorm": bool,
     "no_augment": bool,
     "augment_without": list,
+    "non_digits": list,
     "train_limit": (int, type(None)),
     "test_limit": (int, type(None)),
     "val_size": int,
@@ -185,6 +189,7 @@ def read_config(run_dir):
     cfg.setdefault("val_size", 0)
     # nor this: its augmentation had no free strokes and no hollow look
     cfg.setdefault("augment_without", ["hollow", "strokes"])
+    cfg.setdefault("non_digits", [])  # and no outlier exposure
     wrong = [key for key, kind in EXPERIMENT.items() if not _is(cfg.get(key), kind)]
     if not wrong:
         wrong = [key for key in ("model", "seeds") if not cfg[key]]
@@ -318,6 +323,27 @@ def load_config(args):
     cfg["seeds"] = args.seeds or [args.seed]
     cfg["per_seed"] = args.seeds is not None
     return None, cfg
+
+
+def load_data(args, cfg, prefix):
+    """(training set, test set) of the run, on its device; (None, None) when they are unusable, and
+    it has said why."""
+    data_dir = args.data_dir or cfg["data_dir"]
+    try:
+        sets = load_splits(
+            data_dir, cfg["idx_dir"], args.device, cfg["train_limit"], cfg["test_limit"]
+        )
+        exposure.require(cfg["non_digits"])
+    except DatasetError as e:
+        cli.error(e, prefix)
+        return None, None
+    if cfg["val_size"] is None:
+        cfg["val_size"] = min(VAL_SIZE, len(sets[0]) // 10)
+    if cfg["val_size"] > len(sets[0]) - 2:
+        left = f"fewer than 2 of the {len(sets[0])} training images to train on"
+        cli.error(f"--val-size {cfg['val_size']} leaves {left}", prefix)
+        return None, None
+    return sets
 
 
 def record_launch(run_dir, cfg, device, ranks):

@@ -72,7 +72,7 @@ def test_bench_runs_and_reports_every_number(mnist_dir, capsys):
     )
     assert all(v > 0 for v in result["samples_per_s"].values())
     assert "main/textbook" in out
-    assert "lenet5_reg's augmentation: " in out
+    assert "lenet5_reg's augmentation and non-digits: " in out
 
 
 @pytest.mark.parametrize("name", ["lenet5", "lenet5_reg"])

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from conftest import ROOT, epochs_without_time, interrupt_at, run_main, tiny_idx_dir
 
 import dataset
+import exposure
 import main
 import outliers
 from dataset import MNIST, batch_loader
@@ -291,12 +292,13 @@ def test_only_the_regularized_models_training_split_is_augmented(mnist_dir, tmp_
         run_main(mnist_dir, tmp_path, "--train-limit", "64", "--test-limit", "32", "--epochs", "1")
         == 0
     )
-    # each job: the test set, the validation split (6 images, a tenth), then the training split
+    # each job: the test set, the validation split (6 images, a tenth), then the training split,
+    # lenet5_reg's with its non-digits added (exposure.py)
     test, val = ("test.tar", 32, False), ("train.tar", 6, False)
     assert loaders == [test, val, ("train.tar", 58, False)] * 2 + [
         test,
         val,
-        ("train.tar", 58, True),
+        ("train.tar", 58 + round(exposure.SHARE * 58), True),
     ]
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+import dataset
 import outliers
 from dataset import normalize, to_unit
 from model import LeNet5
@@ -111,3 +112,30 @@ def test_fashion_mnist_is_read_where_installed_and_none_elsewhere(tmp_path):
     header = b"\x00\x00\x08\x03" + b"".join(n.to_bytes(4, "big") for n in (2, 28, 28))
     path.write_bytes(header + pixels.tobytes())
     assert torch.equal(outliers.fashion(path), normalize(to_unit(torch.from_numpy(pixels))))
+
+
+def test_the_uci_digits_are_read_through_scikit_learn_where_it_is_installed(monkeypatch):
+    import sys
+    import types
+
+    outliers.other_hands.cache_clear()
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # not installed: None, and the report says so
+    assert outliers.other_hands() is None
+    one = np.zeros((8, 8))
+    one[1:7, 4] = 16  # a 1: a bar of full ink, 0-16 as the UCI set has it
+    fake = types.ModuleType("sklearn.datasets")
+    fake.load_digits = lambda: types.SimpleNamespace(images=np.stack([one, one / 2]))
+    monkeypatch.setitem(sys.modules, "sklearn", types.ModuleType("sklearn"))
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", fake)
+    outliers.other_hands.cache_clear()
+    digits = to_unit_again(outliers.other_hands())
+    outliers.other_hands.cache_clear()
+    assert digits.shape == (2, 1, 28, 28)
+    rows, cols = (digits[0, 0] > 0.5).nonzero(as_tuple=True)
+    # scaled into MNIST's 20-pixel box and centred: a tall bar near the middle column
+    assert rows.max() - rows.min() + 1 >= 15 and 12 <= cols.float().mean() <= 15
+    assert (digits[1, 0] > 0.5).sum() >= 15  # a fainter bar is still found and scaled up
+
+
+def to_unit_again(normalized):
+    return normalized * dataset.STD + dataset.MEAN
