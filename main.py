@@ -116,18 +116,21 @@ def uses_augmentation(name, cfg):
     return name == "lenet5_reg" and not cfg["no_augment"]
 
 
+def uses_non_digits(name, cfg):
+    return name == "lenet5_reg" and bool(cfg["non_digits"])
+
+
 def epoch_split(name, cfg, train_set):
     """One epoch's training set: lenet5_reg's distorted anew, with its non-digits (exposure.py)."""
     augment = uses_augmentation(name, cfg)
     split = train_set.distorted(cfg["augment_without"]) if augment else train_set
-    if name == "lenet5_reg" and cfg["non_digits"]:
+    if uses_non_digits(name, cfg):
         split = exposure.exposed(split, cfg["non_digits"], cfg["augment_without"], augment)
     return split
 
 
 def loss(name, cfg):
-    exposed = name == "lenet5_reg" and cfg["non_digits"]
-    return exposure.ExposureLoss() if exposed else torch.nn.CrossEntropyLoss()
+    return exposure.ExposureLoss() if uses_non_digits(name, cfg) else torch.nn.CrossEntropyLoss()
 
 
 # ------------------------------------------------------------ one model
@@ -230,10 +233,6 @@ def model_list(text):
     return list(MODELS) if text == "all" else cli.names(text, "model", MODELS, " or all")
 
 
-def part_list(text):
-    return cli.names(text, "part", PARTS)
-
-
 def source_list(text):
     return [] if text == "none" else cli.names(text, "source", exposure.SOURCES, " or none")
 
@@ -282,6 +281,7 @@ def add_experiment_options(p):
     add("--no-batchnorm", action="store_true", help="lenet5_reg without BatchNorm (ablation)")
     add("--no-augment", action="store_true", help="lenet5_reg without data augmentation (ablation)")
     parts = f"lenet5_reg's augmentation without these parts (ablation): {', '.join(PARTS)}"
+    part_list = functools.partial(cli.names, what="part", known=PARTS)
     add("--augment-without", type=part_list, default=[], metavar="PARTS", help=parts)
     sources = f"lenet5_reg's non-digits: {', '.join(exposure.SOURCES)}, or none (ablation)"
     add("--non-digits", type=source_list, default=exposure.sources(), help=sources)
