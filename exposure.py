@@ -6,9 +6,10 @@ model's softmax on non-digits, so that on what is no digit it spreads its probab
 classes instead of naming one. Here the non-digits are shuffled in with the digits, labelled
 NON_DIGIT, and ``ExposureLoss`` is the mean over a batch of each image's own term.
 
-Each epoch makes SHARE non-digits per training digit anew, on the training device, from torch's
-global RNG (main.py seeds it per seed and epoch, so a resumed run repeats them), by code that the
-report's non-digits (outliers.made_sets, drawn with PIL) do not use:
+Each epoch makes a run's share of non-digits per training digit (SHARE unless ``--non-digit-share``
+says otherwise) anew, on the training device, from torch's global RNG (main.py seeds it per seed
+and epoch, so a resumed run repeats them), by code that the report's non-digits
+(outliers.made_sets, drawn with PIL) do not use:
 
 - scribbles: 3 to 6 free strokes (``distortions.strokes``) on an empty page;
 - patchwork: two training digits of different classes, the page cut into four at a random point
@@ -32,7 +33,9 @@ from dataset import DatasetError, normalize, read_idx, to_unit
 from distortions import DISTORT_CHUNK, distort, strokes
 
 NON_DIGIT = -1  # the label of a non-digit
-SHARE = 0.25  # non-digits per training digit, each epoch
+# non-digits per training digit, each epoch: one in sixteen turns away as many of the validation
+# non-digits as one in four did, for a quarter of the steps (docs/predict.md)
+SHARE = 0.0625
 WEIGHT = 0.5  # of the uniform term against the digits' cross-entropy
 FASHION_TRAIN = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
@@ -120,11 +123,11 @@ def non_digits(split, count, used):
     return torch.cat(parts)
 
 
-def exposed(split, used, without=(), augment=True):
-    """A copy of the epoch's training ``split`` with SHARE non-digits per digit added, augmented as
-    the digits are (if ``augment``, leaving out the parts ``without`` names) and labelled NON_DIGIT:
-    what its batches serve. It has no uint8 ``images``."""
-    made = non_digits(split, round(SHARE * len(split)), used)
+def exposed(split, used, share=SHARE, without=(), augment=True):
+    """A copy of the epoch's training ``split`` with ``share`` non-digits per digit added, augmented
+    as the digits are (if ``augment``, leaving out the parts ``without`` names) and labelled
+    NON_DIGIT: what its batches serve. It has no uint8 ``images``."""
+    made = non_digits(split, round(share * len(split)), used)
     chunks = made.split(DISTORT_CHUNK)
     augmented = [normalize(distort(chunk, without) if augment else chunk) for chunk in chunks]
     label = torch.full((len(made),), NON_DIGIT, dtype=split.labels.dtype, device=split.device)

@@ -37,8 +37,7 @@ from runs import RunError, job_dir
 
 
 def train(model, trn_loader, device, criterion, optimizer, cuda_graph=True):
-    """One epoch of training; returns (mean loss per sample, accuracy in [0, 1]) over every sample
-    seen.
+    """One epoch of training: (mean loss per sample, accuracy in [0, 1]) over the samples it saw.
 
     A step only keeps its logits (detached) and labels; loss and accuracy are computed from them
     once, after the epoch, so the loop does no bookkeeping and never waits for the device. On CUDA
@@ -87,8 +86,7 @@ def test(model, tst_loader, device, criterion):
 
 @torch.inference_mode()
 def summarize(criterion, outputs, targets):
-    """(mean loss per sample, accuracy) of the logits and labels of a whole epoch; the epoch's only
-    host syncs.
+    """(mean loss per sample, accuracy) of a whole epoch's logits and labels: its only host syncs.
 
     ``criterion`` averages over samples, so applied to all of them at once it gives the
     per-sample mean of the losses the steps saw, whatever the batch sizes. The accuracy is
@@ -125,7 +123,8 @@ def epoch_split(name, cfg, train_set):
     augment = uses_augmentation(name, cfg)
     split = train_set.distorted(cfg["augment_without"]) if augment else train_set
     if uses_non_digits(name, cfg):
-        split = exposure.exposed(split, cfg["non_digits"], cfg["augment_without"], augment)
+        made = cfg["non_digits"], cfg["non_digit_share"]
+        split = exposure.exposed(split, *made, cfg["augment_without"], augment)
     return split
 
 
@@ -285,6 +284,8 @@ def add_experiment_options(p):
     add("--augment-without", type=part_list, default=[], metavar="PARTS", help=parts)
     sources = f"lenet5_reg's non-digits: {', '.join(exposure.SOURCES)}, or none (ablation)"
     add("--non-digits", type=source_list, default=exposure.sources(), help=sources)
+    share = "lenet5_reg's non-digits per training digit, each epoch"
+    add("--non-digit-share", type=POSITIVE_DECIMAL, default=exposure.SHARE, help=share)
 
 
 def add_run_options(p):
@@ -292,9 +293,7 @@ def add_run_options(p):
     add = p.add_argument
     devices = "where to train: auto, cpu, cuda, cuda:N or mps"
     add("--device", type=machine.device_arg, default="auto", help=devices)
-    threads = (
-        "CPU threads per process; unset, torch's own, under torchrun the cores over the processes"
-    )
+    threads = "CPU threads per process; unset, torch's own, under torchrun the cores per process"
     add("--threads", type=POSITIVE_WHOLE, help=threads)
     data = "folder of train.tar and test.tar, or train/ and test/"
     add("--data-dir", type=Path, default=Path("data"), help=data)

@@ -48,6 +48,7 @@ EXPERIMENT = {
     "no_augment": bool,
     "augment_without": list,
     "non_digits": list,
+    "non_digit_share": float,
     "train_limit": (int, type(None)),
     "test_limit": (int, type(None)),
     "val_size": int,
@@ -190,6 +191,7 @@ def read_config(run_dir):
     # nor this: its augmentation had no free strokes and no hollow look
     cfg.setdefault("augment_without", ["hollow", "strokes"])
     cfg.setdefault("non_digits", [])  # and no outlier exposure
+    cfg.setdefault("non_digit_share", 0.25)  # or, where it had some, one per four digits
     wrong = [key for key, kind in EXPERIMENT.items() if not _is(cfg.get(key), kind)]
     if not wrong:
         wrong = [key for key in ("model", "seeds") if not cfg[key]]

@@ -11,6 +11,7 @@ from conftest import run_main
 import dataset
 import exposure
 import main
+import runs
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,14 @@ def test_a_run_records_its_non_digits_and_one_that_needs_a_missing_fashion_mnist
     assert run_main(mnist_dir, tmp_path, *args, name="made") == 0
     config = json.loads((tmp_path / "made/config.json").read_text())
     assert config["non_digits"] == ["scribbles", "patchwork"]
+    assert config["non_digit_share"] == exposure.SHARE
+    args = (*args, "--non-digit-share", "0.5")
+    assert run_main(mnist_dir, tmp_path, *args, name="half") == 0
+    config = runs.read_config(tmp_path / "half")
+    assert config["non_digit_share"] == 0.5
+    split = dataset.MNIST(mnist_dir / "train.tar", limit=300)
+    served = main.epoch_split("lenet5_reg", config, split)
+    assert (served.labels == exposure.NON_DIGIT).sum().item() == 150
     monkeypatch.setattr(exposure, "FASHION_TRAIN", tmp_path / "no-such-file.gz")
     capsys.readouterr()
     assert run_main(mnist_dir, tmp_path, *tiny, "--non-digits", "fashion", name="f") == 1

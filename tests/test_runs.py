@@ -14,6 +14,7 @@ from conftest import epochs_without_time, interrupt_at, run_main
 from torch.utils.data import DataLoader
 
 import dataset
+import exposure
 import main
 import runs
 from model import CustomMLP, LeNet5
@@ -294,6 +295,18 @@ def test_a_run_made_before_the_added_ink_resumes_with_the_augmentation_it_began_
     del config["augment_without"]  # as main.py wrote it before the free and hollow strokes
     path.write_text(json.dumps(config))
     assert runs.read_config(run_dir)["augment_without"] == ["hollow", "strokes"]
+
+
+def test_a_run_made_before_its_share_of_non_digits_was_recorded_resumes_with_one_in_four(
+    mnist_dir, tmp_path
+):
+    run_dir = small_run(mnist_dir, tmp_path)
+    path = run_dir / "config.json"
+    assert runs.read_config(run_dir)["non_digit_share"] == exposure.SHARE == 1 / 16
+    config = json.loads(path.read_text())
+    del config["non_digit_share"]  # as main.py wrote it when every run had one per four digits
+    path.write_text(json.dumps(config))
+    assert runs.read_config(run_dir)["non_digit_share"] == 0.25
 
 
 def test_a_full_disk_while_a_checkpoint_is_written_loses_nothing(
