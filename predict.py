@@ -156,7 +156,6 @@ def make_server(
     server = PageServer((host, port), functools.partial(Handler, models))
     server.idle, server.deadline, server.decode_wait = idle, deadline, decode_wait
     server.decoding = threading.BoundedSemaphore(DECODERS)
-    threading.Thread(target=server.watch, daemon=True).start()
     return server
 
 
@@ -170,10 +169,15 @@ class PageServer(http.server.ThreadingHTTPServer):
         # {socket: when its request must have been read}
         self.reading, self.lock = {}, threading.Lock()
         self.closed = threading.Event()
+        self.watcher = threading.Thread(target=self.watch, daemon=True)
+        self.watcher.start()
         super().__init__(*args, **kwargs)
 
     def server_close(self):
+        # a daemon thread still running when the interpreter exits can abort it ("terminate called
+        # without an active exception"): the watcher ends with the server
         self.closed.set()
+        self.watcher.join()
         super().server_close()
 
     def watch(self, every=0.1):
