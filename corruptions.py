@@ -10,7 +10,8 @@ distortions.py, and tests/test_corruptions.py holds that the augmentation calls 
 Each takes a (N, 1, H, W) batch in [0, 1] with background 0, on any device, a strength (one number
 for the batch; 0 leaves the batch unchanged) and a ``torch.Generator`` on the CPU. Each image's
 random draws (positions, angles, fields) are one row of a single draw for the batch, so the same
-seed gives an image the same change whatever the batch size.
+seed gives an image the same change whatever the batch size. The helpers that draw them (``draws``,
+``centres``, ``line_ink``, ``over``) draw validation.py's families too.
 """
 
 import math
@@ -19,12 +20,12 @@ import torch
 import torch.nn.functional as F
 
 
-def _draws(batch, generator, *shape):
+def draws(batch, generator, *shape):
     """(N, *shape) uniform draws in [0, 1), one row per image, on the batch's device."""
     return torch.rand(batch.shape[0], *shape, generator=generator).to(batch.device, batch.dtype)
 
 
-def _centres(batch):
+def centres(batch):
     """(H * W, 2): the x and y of each pixel's centre."""
     height, width = batch.shape[-2:]
     ys, xs = torch.meshgrid(
@@ -35,12 +36,12 @@ def _centres(batch):
     return torch.stack([xs.flatten(), ys.flatten()], 1)
 
 
-def _stroke(distance, width):
+def line_ink(distance, width):
     """Anti-aliased ink of a line ``width`` pixels wide, at ``distance`` from its centre line."""
     return (width / 2 + 0.5 - distance).clamp(0, 1)
 
 
-def _over(batch, ink):
+def over(batch, ink):
     """Ink (N, H * W) laid over the batch: each pixel keeps the brighter of the two."""
     return torch.maximum(batch, ink.view(batch.shape))
 
@@ -53,12 +54,12 @@ def ruled_lines(batch, darkness, generator):
     of their own in each image."""
     if not darkness:
         return batch
-    u = _draws(batch, generator, 2)
+    u = draws(batch, generator, 2)
     spacing = 9 + (u[:, :1] * 5).floor()
     first = (u[:, 1:] * spacing).floor() + 0.5
-    offset = torch.remainder(_centres(batch)[:, 1] - first, spacing)
+    offset = torch.remainder(centres(batch)[:, 1] - first, spacing)
     distance = torch.minimum(offset, spacing - offset)
-    return _over(batch, darkness * _stroke(distance, 1.0))
+    return over(batch, darkness * line_ink(distance, 1.0))
 
 
 def box_edges(batch, width, generator):
@@ -66,12 +67,12 @@ def box_edges(batch, width, generator):
     1 to 3 pixels in from each side of the image."""
     if not width:
         return batch
-    u = _draws(batch, generator, 2)
+    u = draws(batch, generator, 2)
     side = batch.shape[-1]
     left, right = 1 + 2 * u[:, :1] + width / 2, side - 1 - 2 * u[:, 1:] - width / 2
-    xs = _centres(batch)[:, 0]
+    xs = centres(batch)[:, 0]
     distance = torch.minimum((xs - left).abs(), (xs - right).abs())
-    return _over(batch, _stroke(distance, width))
+    return over(batch, line_ink(distance, width))
 
 
 def dotted_line(batch, radius, generator):
@@ -79,15 +80,15 @@ def dotted_line(batch, radius, generator):
     ``radius`` pixels in radius, 4 pixels apart."""
     if not radius:
         return batch
-    u = _draws(batch, generator, 4)
+    u = draws(batch, generator, 4)
     through = 8 + 12 * u[:, :2]
     angle = (u[:, 2] - 0.5) * math.pi / 3
     direction = torch.stack([angle.cos(), angle.sin()], 1)
-    offset = _centres(batch).unsqueeze(0) - through.unsqueeze(1)  # (N, P, 2)
+    offset = centres(batch).unsqueeze(0) - through.unsqueeze(1)  # (N, P, 2)
     along = (offset * direction.unsqueeze(1)).sum(2) - 4 * u[:, 3:]
     across = offset[..., 0] * direction[:, 1:] - offset[..., 1] * direction[:, :1]
     to_dot = torch.remainder(along + 2, 4.0) - 2
-    return _over(batch, (radius + 0.5 - torch.hypot(to_dot, across)).clamp(0, 1))
+    return over(batch, (radius + 0.5 - torch.hypot(to_dot, across)).clamp(0, 1))
 
 
 # ------------------------------------------------------------ light, motion, warps, scans
@@ -97,11 +98,11 @@ def shadow(batch, darkness, generator):
     """Uneven light: a soft-edged shadow over one side of the page, the paper under it darkened by
     ``darkness`` (toward the ink's level), its edge a line through the digit's box at an angle of
     its own. Ink stays ink."""
-    u = _draws(batch, generator, 3)
+    u = draws(batch, generator, 3)
     angle = 2 * math.pi * u[:, 0]
     normal = torch.stack([angle.cos(), angle.sin()], 1)
     through = 6 + 16 * u[:, 1:]
-    side = ((_centres(batch).unsqueeze(0) - through.unsqueeze(1)) * normal.unsqueeze(1)).sum(2)
+    side = ((centres(batch).unsqueeze(0) - through.unsqueeze(1)) * normal.unsqueeze(1)).sum(2)
     shade = darkness * torch.sigmoid(side / 2)
     return torch.lerp(batch, torch.ones_like(batch), shade.view(batch.shape))
 
@@ -113,12 +114,12 @@ def motion_blur(batch, length, generator):
         return batch
     n, _, height, width = batch.shape
     side = 2 * math.ceil(length / 2) + 1
-    angle = math.pi * _draws(batch, generator)
+    angle = math.pi * draws(batch, generator)
     half = length / 2 * torch.stack([angle.cos(), angle.sin()], 1)  # (N, 2)
-    taps = _centres(batch[..., :side, :side]) - side / 2  # (side * side, 2), centred
+    taps = centres(batch[..., :side, :side]) - side / 2  # (side * side, 2), centred
     along = (taps @ half.T).T / half.square().sum(1, keepdim=True)  # (N, taps): -1 to 1 on the line
     nearest = along.clamp(-1, 1).unsqueeze(2) * half.unsqueeze(1)
-    kernel = _stroke((taps.unsqueeze(0) - nearest).norm(dim=2), 1.0)
+    kernel = line_ink((taps.unsqueeze(0) - nearest).norm(dim=2), 1.0)
     kernel = (kernel / kernel.sum(1, keepdim=True)).view(n, 1, side, side)
     smeared = F.conv2d(batch.reshape(1, n, height, width), kernel, padding=side // 2, groups=n)
     return smeared.view(batch.shape)
@@ -131,12 +132,12 @@ def elastic(batch, pixels, generator):
     if not pixels:
         return batch
     n, _, height, width = batch.shape
-    field = F.pad(2 * _draws(batch, generator, 2, height, width) - 1, (12,) * 4, mode="reflect")
+    field = F.pad(2 * draws(batch, generator, 2, height, width) - 1, (12,) * 4, mode="reflect")
     # the Gaussian is separable: along x, then along y, each a product with a band matrix (many
     # times faster than a grouped convolution on the CPU)
     field = _smoothing(height, field).T @ (field @ _smoothing(width, field))
     field = field / field.square().mean((1, 2, 3), keepdim=True).sqrt() * pixels
-    moved = _centres(batch).view(1, height, width, 2) + field.permute(0, 2, 3, 1)
+    moved = centres(batch).view(1, height, width, 2) + field.permute(0, 2, 3, 1)
     # grid_sample's -1 and 1 are the image's outer edges
     size = torch.tensor([width, height], device=batch.device, dtype=batch.dtype)
     return F.grid_sample(batch, moved / size * 2 - 1, align_corners=False, padding_mode="zeros")

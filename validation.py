@@ -25,20 +25,11 @@ import torch.nn.functional as F
 import cli
 import robustness
 import runs
+from corruptions import centres, draws, line_ink, over
 from dataset import DatasetError, load_splits, to_unit
 from runs import RunError
 
 SEED = 777  # the draws of family k at strength i: SEED + 100 * k + i
-
-
-def _uniform(n, low, high, generator, *shape):
-    return torch.rand(n, *shape, generator=generator) * (high - low) + low
-
-
-def _centres(height, width):
-    """(H * W, 2): the x and y of each pixel's centre."""
-    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
-    return torch.stack([xs.flatten(), ys.flatten()], 1)
 
 
 def _to_segment(points, start, end):
@@ -53,15 +44,14 @@ def _to_segment(points, start, end):
 
 def spatter(batch, count, generator):
     """``count`` round blots of ink, 0.7 to 2.2 pixels in radius, anywhere on the page."""
-    n, _, height, width = batch.shape
-    points = _centres(height, width)
-    ink = torch.zeros(n, points.shape[0])
+    points = centres(batch)
+    ink = torch.zeros(batch.shape[0], points.shape[0])
     for _ in range(int(count)):
-        centre = _uniform(n, 2, 26, generator, 2)
-        radius = _uniform(n, 0.7, 2.2, generator, 1)
+        centre = 2 + 24 * draws(batch, generator, 2)
+        radius = 0.7 + 1.5 * draws(batch, generator, 1)
         distance = (points.unsqueeze(0) - centre.unsqueeze(1)).norm(dim=2)
-        ink = torch.maximum(ink, (radius + 0.5 - distance).clamp(0, 1))
-    return torch.maximum(batch, ink.view(batch.shape))
+        ink = torch.maximum(ink, line_ink(distance, 2 * radius))
+    return over(batch, ink)
 
 
 def keystone(batch, amount, generator):
@@ -83,22 +73,20 @@ def keystone(batch, amount, generator):
 
 def pen_skips(batch, gaps, generator):
     """A pen that skips: ``gaps`` lines one pixel wide across the digit where its ink is missing."""
-    n, _, height, width = batch.shape
-    points = _centres(height, width)
-    kept = torch.ones(n, points.shape[0])
+    points = centres(batch)
+    kept = torch.ones(batch.shape[0], points.shape[0])
     for _ in range(int(gaps)):
-        start, end = _uniform(n, 4, 24, generator, 2), _uniform(n, 4, 24, generator, 2)
+        start, end = 4 + 20 * draws(batch, generator, 2), 4 + 20 * draws(batch, generator, 2)
         end = start + (end - start) * 3  # long enough to cross the digit's box
-        kept = kept * (1 - (1.0 - _to_segment(points, start, end)).clamp(0, 1))
+        kept = kept * (1 - line_ink(_to_segment(points, start, end), 1.0))
     return batch * kept.view(batch.shape)
 
 
 def vignette(batch, level, generator):
     """Light falling off toward the edges: the paper darkened to ``level`` at the corners,
     radially from a centre of its own near the middle of each image."""
-    n, _, height, width = batch.shape
-    points = _centres(height, width)
-    centre = _uniform(n, 10, 18, generator, 2)
+    points, height = centres(batch), batch.shape[-2]
+    centre = 10 + 8 * draws(batch, generator, 2)
     distance = (points.unsqueeze(0) - centre.unsqueeze(1)).norm(dim=2) / (height / 2 * 1.41)
     darkness = (level * distance.clamp(0, 1) ** 2).view(batch.shape)
     return torch.lerp(batch, torch.ones_like(batch), darkness)
