@@ -123,8 +123,8 @@ def epoch_split(name, cfg, train_set):
     augment = uses_augmentation(name, cfg)
     split = train_set.distorted(cfg["augment_without"]) if augment else train_set
     if uses_non_digits(name, cfg):
-        made = cfg["non_digits"], cfg["non_digit_share"]
-        split = exposure.exposed(split, *made, cfg["augment_without"], augment)
+        used, share = cfg["non_digits"], cfg["non_digit_share"]
+        split = exposure.exposed(split, used, share, cfg["augment_without"], augment)
     return split
 
 
