@@ -18,14 +18,23 @@ difference is "within the noise". Pooled over seeds: a digit's score is its mean
 and McNemar counts the answers of every seed.
 
 ``plot.py`` adds each pair of a run's models to report.md (``report_lines``), and each model's
-error on the test set's two halves (``halves_lines``).
+error on the test set's two halves (``halves_lines``). From the command line, one model of two runs
+that plot.py has swept, as the README's ablation pairs each variant with the recipe:
+
+    python compare.py runs/ink-no-dropout runs/seeds-ink   # lenet5_reg: the first minus the second
+    python compare.py RUN_A RUN_B --model lenet5
 """
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 
+import cli
+import runs
 from robustness import FAMILIES, jobs_by_model, kind, unpacked
+from runs import RunError
 
 RESAMPLES = 2000
 BOOTSTRAP_SEED = 20261207
@@ -210,3 +219,52 @@ def halves_lines(sweep):
                 + f" | {reference} |"
             )
     return lines
+
+
+# ------------------------------------------------------------ two runs
+
+
+def swept(run_dir, model):
+    """(the test set it was swept on, {seed: job}) of ``model`` in a run's robustness.json."""
+    path = Path(run_dir) / "robustness.json"
+    sweep = runs.read_json(path)
+    jobs = jobs_by_model(sweep.get("jobs", {})) if isinstance(sweep, dict) else {}
+    if model not in jobs:
+        raise RunError(f"{path}: no {model} in it (python plot.py {run_dir} sweeps the run)")
+    return sweep.get("test_set"), jobs[model]
+
+
+def run_lines(first_dir, second_dir, model):
+    """``model`` of the first run minus the same model of the second, clean, held out and trained
+    on, per seed and pooled: a table's lines."""
+    (first_set, first), (second_set, second) = swept(first_dir, model), swept(second_dir, model)
+    if first_set != second_set:
+        raise RunError(f"{first_dir} and {second_dir}: swept on different test sets, not paired")
+    lines = [
+        f"{model}: {first_dir} − {second_dir}, in points",
+        "",
+        "| measure | seed | difference [95% interval], McNemar p | verdict |",
+        "|---|---|---|---|",
+    ]
+    for measure, title in MEASURES.items():
+        for seed, result in comparisons(first, second, measure).items():
+            lines.append(f"| {title} | {seed} | {cell(result)} | {result['verdict']} |")
+    return lines
+
+
+def main(argv=None):
+    p = cli.parser("compare.py", __doc__)
+    p.add_argument("runs", nargs=2, type=Path, metavar="RUN", help="two runs swept by plot.py")
+    p.add_argument("--model", default="lenet5_reg", help="the model compared (default: lenet5_reg)")
+    args = p.parse_args(cli.arguments(argv))
+    try:
+        print("\n".join(run_lines(*(runs.find_run(run) for run in args.runs), args.model)))
+    except RunError as e:
+        cli.error(e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    cli.safe_console()
+    sys.exit(main(sys.argv[1:]))

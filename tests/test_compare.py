@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import compare
+import files
 import robustness
 
 
@@ -95,3 +96,26 @@ def test_report_md_compares_each_pair_per_seed_and_pooled_and_gives_the_halves()
     assert "LeCun et al. 1998: 0.95%" in "\n".join(halves)
     # a sweep of part of the test set has no halves
     assert compare.halves_lines({"a": job("mlp", 0, np.ones(300, bool))}) == []
+
+
+def test_one_model_of_two_runs_is_paired_from_the_command_line_and_a_run_not_swept_is_one_line(
+    tmp_path, capsys
+):
+    rng = np.random.default_rng(4)
+    test_set = {"path": "test.tar", "size": 10_000}
+    for name, share in (("recipe", 0.99), ("variant", 0.95)):
+        jobs = {
+            f"lenet5_reg/seed{seed}": job("lenet5_reg", seed, rng.random(10_000) < share)
+            for seed in (0, 1)
+        }
+        (tmp_path / name).mkdir()
+        files.write_json(tmp_path / name / "robustness.json", {"test_set": test_set, "jobs": jobs})
+    assert compare.main([str(tmp_path / "variant"), str(tmp_path / "recipe")]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + 3 * 3  # the header; three measures, two seeds and pooled
+    pooled = next(row for row in rows if row.startswith("| held-out families | pooled | -"))
+    assert pooled.endswith("| worse |")
+    (tmp_path / "bare").mkdir()
+    assert compare.main([str(tmp_path / "bare"), str(tmp_path / "recipe")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "robustness.json: missing" in err
