@@ -189,10 +189,10 @@ def strokes(batch, width, darkness, generator=None):
 # lenet5_reg's training augmentation: broad ranges of the ways people's digits differ from MNIST's
 # own (docs/recipe.md says why these). Most images get their own rotation, zoom, shear and shift,
 # and some of them one change of look from LOOKS, each with its own strength.
-ROTATION = 20.0  # degrees, either way
-ZOOM = (0.75, 1.2)  # scale, log-uniform
-SHEAR = 15.0  # degrees, either way
-SHIFT = 3.0  # pixels, either way, along each axis
+ROTATION = 15.0  # degrees, either way
+ZOOM = (0.8, 1.15)  # scale, log-uniform
+SHEAR = 10.0  # degrees, either way
+SHIFT = 2.0  # pixels, either way, along each axis
 GEOMETRY_SHARE = 0.75  # the other images keep their shape and place
 LOOK_SHARE = 0.4  # the other images keep their look
 # Each change of look, given per-image strengths u and v, uniform in [0, 1].
